@@ -1,0 +1,1 @@
+"""kubeos os-agent: the node daemon that drives the kubeos.os collection."""

@@ -1,0 +1,219 @@
+# Copyright: kubeos contributors
+# Apache License 2.0 (see LICENSE)
+"""Writing an OS image into a slot, safely.
+
+Order of events, and why:
+
+1. Read the disk; refuse the running slot and the committed fallback slot.
+2. Open the source (TLS, client certificate, HTTP status) *before* touching the disk, so a
+   bad URL or certificate changes nothing.
+3. Mark the slot not bootable (and cancel a trial of it) in the GRUB environment, fsynced,
+   before the first byte: an interruption from here on leaves a slot GRUB will not boot.
+4. Stream the image in, hashing while writing (``imagewrite``).
+5. Only when the sha256 matched: give the filesystem the slot's label and mark the slot
+   bootable, recording the image's digest so that writing the same image again is a no-op.
+"""
+
+from __future__ import annotations
+
+__metaclass__ = type
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ansible_collections.kubeos.os.plugins.module_utils import blockdev, fetch, imagewrite, layout, slots
+
+FORMAT_RAW = "raw"
+FORMAT_TAR = "tar"
+FORMATS = (FORMAT_RAW, FORMAT_TAR)
+
+
+def image_var(slot: str) -> str:
+    return f"kubeos_{slot}_image"
+
+
+def bootable_var(slot: str) -> str:
+    return f"kubeos_{slot}_bootable"
+
+
+@dataclass
+class WriteRequest:
+    source: fetch.SourceOptions
+    sha256: str
+    format: str = FORMAT_RAW
+    slot: str | None = None
+    force: bool = False
+    progress_file: str | None = None
+
+
+@dataclass
+class WriteOutcome:
+    slot: str
+    device: str
+    changed: bool
+    bytes_written: int = 0
+    seconds: float = 0.0
+    sha256: str = ""
+    version: str = ""
+    message: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "slot": self.slot,
+            "device": self.device,
+            "bytes_written": self.bytes_written,
+            "seconds": round(self.seconds, 3),
+            "sha256": self.sha256,
+            "version": self.version,
+            "message": self.message,
+        }
+
+
+class ProgressFile:
+    """Progress as a small JSON file, replaced atomically, for the agent to poll."""
+
+    def __init__(self, path: str | None, slot: str) -> None:
+        self.path = path
+        self.slot = slot
+        self.last = 0.0
+
+    def report(self, phase: str, done: int = 0, total: int | None = None, *, force: bool = False) -> None:
+        if not self.path:
+            return
+        now = time.monotonic()
+        if not force and now - self.last < 0.5:
+            return
+        self.last = now
+        data = json.dumps(
+            {"phase": phase, "slot": self.slot, "bytes_done": done, "bytes_total": total, "time": time.time()}
+        )
+        directory = os.path.dirname(os.path.abspath(self.path))
+        fd, tmp = tempfile.mkstemp(prefix=".progress-", dir=directory)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(data)
+        os.replace(tmp, self.path)
+
+
+def choose_slot(state: slots.DiskState, wanted: str | None) -> str:
+    """The slot to write: ``wanted`` or the inactive one; never a protected one."""
+    target = slots.check_slot_name(wanted) if wanted else state.inactive_slot
+    reason = state.protected_slots().get(target)
+    if reason:
+        raise slots.SlotError(f"refusing to write slot {target}: {reason}. Write the other slot")
+    part = state.slots[target].part
+    points = blockdev.mount_points(part.node)
+    if points:
+        raise slots.SlotError(
+            f"refusing to write slot {target}: {part.node} is mounted at {', '.join(points)}; unmount it"
+        )
+    return target
+
+
+def already_written(state: slots.DiskState, slot: str, sha256: str) -> bool:
+    facts = state.slots[slot]
+    return facts.marked_bootable and state.grub.env.get(image_var(slot), "") == sha256
+
+
+def write_slot(
+    disk: str,
+    request: WriteRequest,
+    *,
+    running_root: str | None = None,
+    check_mode: bool = False,
+    should_cancel: Callable[[], bool] | None = None,
+) -> WriteOutcome:
+    if request.format not in FORMATS:
+        raise slots.SlotError(
+            f"unknown format {request.format!r}: use raw (a filesystem image) or tar (a root filesystem)"
+        )
+    expected = imagewrite.normalize_sha256(request.sha256)
+    state = slots.read_state(disk, running_root)
+    if state.layout.kind != slots.LAYOUT_KUBEOS:
+        raise slots.SlotError(
+            "this disk was laid out by KubeOS; its GRUB config cannot mark a slot not bootable while it is "
+            "written, so kubeos will not write it in place. Re-create the disk with kubeos.os.disk_layout"
+        )
+    target = choose_slot(state, request.slot)
+    part = state.slots[target].part
+    outcome = WriteOutcome(slot=target, device=part.node, changed=False, sha256=expected)
+    if not request.force and already_written(state, target, expected):
+        outcome.version = state.slots[target].content.version
+        outcome.message = f"slot {target} already holds the image {expected}"
+        return outcome
+    progress = ProgressFile(request.progress_file, target)
+    progress.report("connecting", force=True)
+    with fetch.open_source(request.source) as source:
+        if source.length is not None and request.format == FORMAT_RAW and source.length > part.size:
+            raise imagewrite.WriteError(
+                f"the image is {source.length} bytes but slot {target} ({part.node}) holds only {part.size} bytes; "
+                "nothing was written: use a smaller image or lay the disk out with a bigger root_size"
+            )
+        outcome.changed = True
+        if check_mode:
+            outcome.message = f"slot {target} would be written from {source.url}"
+            return outcome
+        env = slots.BootEnv(state.layout)
+        unset_trial = {"kubeos_trial": None, "kubeos_tries": None} if state.grub.trial == target else {}
+        env.update({bootable_var(target): "no", image_var(target): None, **unset_trial})
+
+        def report(done: int, total: int | None) -> None:
+            progress.report("writing", done, total)
+
+        if request.format == FORMAT_RAW:
+            result = _write_raw(source, part, expected, report, should_cancel)
+        else:
+            result = _write_tar(source, part, target, expected, report, should_cancel)
+    progress.report("verifying", result.bytes_written, result.bytes_written, force=True)
+    _relabel(part.node, slots.SLOT_NAMES[target])
+    env.update({bootable_var(target): "yes", image_var(target): expected})
+    content = slots.inspect_slot(blockdev.read_table(disk).by_name(slots.SLOT_NAMES[target]) or part)
+    progress.report("done", result.bytes_written, result.bytes_written, force=True)
+    outcome.bytes_written = result.bytes_written
+    outcome.seconds = result.seconds
+    outcome.version = content.version
+    outcome.message = f"slot {target} holds the verified image {expected}" + (
+        f" ({content.pretty_name})" if content.pretty_name else ""
+    )
+    return outcome
+
+
+def _write_raw(
+    source: fetch.ImageSource,
+    part: blockdev.Partition,
+    expected: str,
+    report: imagewrite.ProgressCallback,
+    should_cancel: Callable[[], bool] | None,
+) -> imagewrite.WriteResult:
+    try:
+        return imagewrite.write_raw(
+            source, part.node, expected, capacity=part.size, progress=report, should_cancel=should_cancel
+        )
+    except imagewrite.ChecksumMismatch:
+        # Unverified bytes must never be mounted or booted: drop the filesystem signatures too.
+        blockdev.run(["wipefs", "--all", "--force", part.node], check=False)
+        raise
+
+
+def _write_tar(
+    source: fetch.ImageSource,
+    part: blockdev.Partition,
+    slot: str,
+    expected: str,
+    report: imagewrite.ProgressCallback,
+    should_cancel: Callable[[], bool] | None,
+) -> imagewrite.WriteResult:
+    blockdev.run(["wipefs", "--all", "--force", part.node])
+    blockdev.run(["mkfs.ext4", "-q", "-F", "-L", slots.SLOT_NAMES[slot], "-O", layout.EXT4_FEATURES, part.node])
+    with blockdev.mounted(part.node, readonly=False) as root:
+        return imagewrite.extract_tar(source, root, expected, progress=report, should_cancel=should_cancel)
+
+
+def _relabel(node: str, label: str) -> None:
+    """A raw image brings its own filesystem label; the slot's label is what the layout relies on."""
+    info = blockdev.probe(node)
+    if info.get("TYPE") in slots.ROOT_FILESYSTEMS and info.get("LABEL") != label:
+        blockdev.run(["e2label", node, label])

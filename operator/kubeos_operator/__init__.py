@@ -1,0 +1,1 @@
+"""kubeos os-operator and os-proxy."""
