@@ -115,7 +115,7 @@ def loop_attach(path: str) -> str:
 
 def loop_detach(device: str) -> None:
     # The kernel may still hold a partition briefly after an unmount; retry a little.
-    for _ in range(20):
+    for _attempt in range(20):
         if run(["losetup", "--detach", device], check=False).rc == 0:
             return
         time.sleep(0.1)

@@ -46,6 +46,13 @@ def parse_size(value: object, what: str) -> int:
 
 
 @dataclass
+class PartSpec:
+    name: str
+    type_guid: str
+    size: int | None  # None: the rest of the disk
+
+
+@dataclass
 class LayoutSpec:
     esp_size: int = 64 * MIB
     boot_size: int = 64 * MIB
@@ -56,17 +63,17 @@ class LayoutSpec:
     grub_timeout: int = 0
     panic_timeout: int = 10
 
-    def partitions(self) -> list[tuple[str, str, int | None]]:
-        """(name, type GUID, size or None for the rest of the disk) in disk order."""
-        parts: list[tuple[str, str, int | None]] = []
+    def partitions(self) -> list[PartSpec]:
+        """The partitions in disk order."""
+        parts: list[PartSpec] = []
         if self.bios_boot:
-            parts.append((slots.NAME_BIOS, GPT_BIOS, MIB))
+            parts.append(PartSpec(slots.NAME_BIOS, GPT_BIOS, MIB))
         parts += [
-            (slots.NAME_ESP, GPT_ESP, self.esp_size),
-            (slots.NAME_BOOT, GPT_LINUX, self.boot_size),
-            (slots.SLOT_NAMES["A"], GPT_LINUX, self.root_size),
-            (slots.SLOT_NAMES["B"], GPT_LINUX, self.root_size),
-            (slots.NAME_PERSIST, GPT_LINUX, self.persist_size),
+            PartSpec(slots.NAME_ESP, GPT_ESP, self.esp_size),
+            PartSpec(slots.NAME_BOOT, GPT_LINUX, self.boot_size),
+            PartSpec(slots.SLOT_NAMES["A"], GPT_LINUX, self.root_size),
+            PartSpec(slots.SLOT_NAMES["B"], GPT_LINUX, self.root_size),
+            PartSpec(slots.NAME_PERSIST, GPT_LINUX, self.persist_size),
         ]
         return parts
 
@@ -86,7 +93,7 @@ class LayoutSpec:
             raise LayoutError("root_size must be at least 64MiB")
         if self.persist_size is not None and (self.persist_size < 16 * MIB or self.persist_size % ALIGN):
             raise LayoutError("persist_size must be a whole number of MiB, at least 16MiB")
-        fixed = sum(size for _, _, size in self.partitions() if size is not None)
+        fixed = sum(p.size for p in self.partitions() if p.size is not None)
         # 1 MiB in front for alignment, 1 MiB behind for the backup GPT, 16 MiB minimum PERSIST.
         needed = fixed + 2 * MIB + (self.persist_size or 16 * MIB)
         if needed > disk_size:
@@ -97,9 +104,9 @@ class LayoutSpec:
 
     def sfdisk_script(self) -> str:
         lines = ["label: gpt", "first-lba: 2048"]
-        for name, guid, size in self.partitions():
-            size_field = f"size={size // 512}, " if size is not None else ""
-            lines.append(f'{size_field}type={guid}, name="{name}"')
+        for part in self.partitions():
+            size_field = f"size={part.size // 512}, " if part.size is not None else ""
+            lines.append(f'{size_field}type={part.type_guid}, name="{part.name}"')
         return "\n".join(lines) + "\n"
 
 
@@ -138,12 +145,17 @@ def grub_efi_image() -> bytes:
             return handle.read()
 
 
+def _need(table: blockdev.PartitionTable, name: str) -> blockdev.Partition:
+    part = table.by_name(name)
+    if part is None:
+        raise LayoutError(f"partition {name} is missing on {table.disk}; lay the disk out again (force: true)")
+    return part
+
+
 def _menu(spec: LayoutSpec, table: blockdev.PartitionTable) -> str:
     entries = []
     for slot, name in slots.SLOT_NAMES.items():
-        part = table.by_name(name)
-        if part is None:
-            raise LayoutError(f"partition {name} is missing on {table.disk}")
+        part = _need(table, name)
         entries.append(grubcfg.SlotEntry(slot, part.number, part.partuuid))
     return grubcfg.render_menu(
         entries, kernel_args=spec.kernel_args, timeout=spec.grub_timeout, panic=spec.panic_timeout
@@ -167,14 +179,14 @@ def _table_matches(spec: LayoutSpec, table: blockdev.PartitionTable) -> list[str
     have = table.partitions
     if table.label != "gpt":
         return [f"partition table is {table.label or 'missing'}, not gpt"]
-    if [p.partlabel for p in have] != [name for name, _, _ in wanted]:
-        return [f"partitions are {[p.partlabel for p in have]}, wanted {[n for n, _, _ in wanted]}"]
+    if [p.partlabel for p in have] != [w.name for w in wanted]:
+        return [f"partitions are {[p.partlabel for p in have]}, wanted {[w.name for w in wanted]}"]
     diffs = []
-    for part, (name, guid, size) in zip(have, wanted):
-        if part.type_guid != guid:
-            diffs.append(f"{name} has type {part.type_guid}, wanted {guid}")
-        if size is not None and part.size != size:
-            diffs.append(f"{name} is {part.size // MIB} MiB, wanted {size // MIB} MiB")
+    for part, want in zip(have, wanted):
+        if part.type_guid != want.type_guid:
+            diffs.append(f"{want.name} has type {part.type_guid}, wanted {want.type_guid}")
+        if want.size is not None and part.size != want.size:
+            diffs.append(f"{want.name} is {part.size // MIB} MiB, wanted {want.size // MIB} MiB")
     return diffs
 
 
@@ -234,8 +246,8 @@ def plan(spec: LayoutSpec, table: blockdev.PartitionTable, *, force: bool, efi_i
                 )
             result.reasons.append(f"force: erasing {table.disk} ({detail})")
         result.repartition = True
-        result.actions.append(f"partition {table.disk} as GPT: " + ", ".join(n for n, _, _ in spec.partitions()))
-        result.format_parts = [n for n, _, _ in spec.partitions() if n != slots.NAME_BIOS]
+        result.actions.append(f"partition {table.disk} as GPT: " + ", ".join(p.name for p in spec.partitions()))
+        result.format_parts = [p.name for p in spec.partitions() if p.name != slots.NAME_BIOS]
     else:
         for part in table.partitions:
             if part.partlabel == slots.NAME_BIOS:
@@ -260,9 +272,8 @@ def plan(spec: LayoutSpec, table: blockdev.PartitionTable, *, force: bool, efi_i
     if result.repartition or slots.NAME_BOOT in result.format_parts:
         result.write_menu = result.write_env = True
     if not (result.write_esp and result.write_menu):
-        esp = table.by_name(slots.NAME_ESP)
-        boot = table.by_name(slots.NAME_BOOT)
-        assert esp is not None and boot is not None
+        esp = _need(table, slots.NAME_ESP)
+        boot = _need(table, slots.NAME_BOOT)
         if not result.write_esp:
             have_efi = blockdev.vfat_read(esp.node, grubcfg.ESP_LOADER_PATH)
             have_cfg = blockdev.vfat_read(esp.node, grubcfg.ESP_CONFIG_PATH)
@@ -305,14 +316,12 @@ def apply(spec: LayoutSpec, disk: str, steps: Plan, *, efi_image: bytes) -> bloc
         blockdev.settle()
     table = blockdev.read_table(disk)
     for name in steps.format_parts:
-        part = table.by_name(name)
-        assert part is not None
+        part = _need(table, name)
         if name == slots.NAME_BOOT:
             continue  # made below, populated in one go
         blockdev.run(["wipefs", "--all", "--force", part.node])
         _mkfs(part, name)
-    boot = table.by_name(slots.NAME_BOOT)
-    assert boot is not None
+    boot = _need(table, slots.NAME_BOOT)
     if slots.NAME_BOOT in steps.format_parts:
         with tempfile.TemporaryDirectory(prefix="kubeos-boot-") as staging:
             os.makedirs(os.path.join(staging, "grub"))
@@ -331,8 +340,7 @@ def apply(spec: LayoutSpec, disk: str, steps: Plan, *, efi_image: bytes) -> bloc
                 grubenv.write_atomic(os.path.join(root, grubcfg.BOOT_ENV_PATH), initial_env())
     table = blockdev.read_table(disk)
     if steps.write_esp:
-        esp = table.by_name(slots.NAME_ESP)
-        assert esp is not None
+        esp = _need(table, slots.NAME_ESP)
         blockdev.vfat_write(esp.node, grubcfg.ESP_LOADER_PATH, efi_image)
         blockdev.vfat_write(esp.node, grubcfg.ESP_CONFIG_PATH, _esp_config(table).encode())
     blockdev.run(["sync"])

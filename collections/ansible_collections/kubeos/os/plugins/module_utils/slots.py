@@ -239,7 +239,7 @@ def parse_os_release(text: str) -> dict[str, str]:
         line = line.strip()
         if not line or line.startswith("#") or "=" not in line:
             continue
-        key, _, raw = line.partition("=")
+        key, _sep, raw = line.partition("=")
         try:
             words = shlex.split(raw)
         except ValueError:
@@ -302,7 +302,7 @@ def kernel_cmdline(path: str = "/proc/cmdline") -> dict[str, str]:
         return {}
     args: dict[str, str] = {}
     for word in words:
-        key, _, value = word.partition("=")
+        key, _sep, value = word.partition("=")
         args[key] = value
     return args
 
@@ -372,7 +372,7 @@ def disk_of_root(spec: str | None) -> str:
     if spec.startswith("/dev/"):
         node = os.path.realpath(spec)
     else:
-        key, _, value = spec.partition("=")
+        key, _sep, value = spec.partition("=")
         token = {"PARTUUID": "PARTUUID", "PARTLABEL": "PARTLABEL", "LABEL": "LABEL", "UUID": "UUID"}.get(key)
         if token:
             res = blockdev.run(

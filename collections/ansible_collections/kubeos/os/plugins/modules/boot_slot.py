@@ -23,7 +23,7 @@ description:
   - On a disk laid out by KubeOS (layout C(kubeos-legacy)) only V(committed) and V(rollback) are possible; they
     set C(saved_entry).
 author:
-  - kubeos contributors
+  - kubeos contributors (@kubeos)
 requirements:
   - sfdisk, blkid, losetup, mount (util-linux / fdisk)
 options:
@@ -91,6 +91,7 @@ grub:
 """
 
 from ansible.module_utils.basic import AnsibleModule
+
 from ansible_collections.kubeos.os.plugins.module_utils import blockdev, bootcontrol, grubenv, slots
 
 

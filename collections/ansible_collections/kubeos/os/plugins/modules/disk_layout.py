@@ -25,7 +25,7 @@ description:
     O(force=true).
   - An image file gets its own loop device, attached and detached by the module.
 author:
-  - kubeos contributors
+  - kubeos contributors (@kubeos)
 requirements:
   - sfdisk, wipefs, blkid, losetup (util-linux / fdisk)
   - mkfs.ext4 (e2fsprogs), mkfs.vfat (dosfstools), mtools
@@ -119,6 +119,7 @@ partitions:
 """
 
 from ansible.module_utils.basic import AnsibleModule
+
 from ansible_collections.kubeos.os.plugins.module_utils import blockdev, grubcfg, grubenv, layout
 
 

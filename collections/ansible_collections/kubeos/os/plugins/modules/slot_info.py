@@ -20,7 +20,7 @@ description:
   - Each slot is mounted read-only on a private directory to read its os-release and look for its kernel;
     a slot that is already mounted is read where it is.
 author:
-  - kubeos contributors
+  - kubeos contributors (@kubeos)
 requirements:
   - sfdisk, blkid, losetup, mount (util-linux / fdisk), mtools for KubeOS-built disks
 options:
@@ -120,6 +120,7 @@ ansible_facts:
 """
 
 from ansible.module_utils.basic import AnsibleModule
+
 from ansible_collections.kubeos.os.plugins.module_utils import blockdev, grubenv, slots
 
 

@@ -24,7 +24,7 @@ description:
   - Writing the image the slot already holds (same sha256, still marked bootable) changes nothing unless
     O(force=true).
 author:
-  - kubeos contributors
+  - kubeos contributors (@kubeos)
 requirements:
   - util-linux, e2fsprogs, GNU tar (for O(format=tar))
 options:
@@ -137,6 +137,7 @@ message:
 """
 
 from ansible.module_utils.basic import AnsibleModule
+
 from ansible_collections.kubeos.os.plugins.module_utils import (
     blockdev,
     fetch,

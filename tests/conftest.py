@@ -1,0 +1,198 @@
+"""Shared fixtures: image files the tests create, loop devices they attach, and real module runs.
+
+Every disk a test touches is a sparse image file under the test's own temporary directory.
+Loop devices attached over those files are detached in ``finally`` blocks, even when the
+module under test failed half-way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+COLLECTIONS = REPO / "collections"
+sys.path.insert(0, str(COLLECTIONS))
+# ansible-runner finds ansible-playbook on PATH: make it the one of this interpreter's virtualenv.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
+MIB = 1024 * 1024
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (loop devices, mkfs, mount)")
+
+
+def loop_devices_of(path: Path) -> list[str]:
+    """Loop devices currently attached over ``path``."""
+    res = subprocess.run(
+        ["losetup", "--associated", str(path), "--noheadings", "--output", "NAME"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return [line.strip() for line in res.stdout.splitlines() if line.strip()]
+
+
+def detach_all(path: Path) -> None:
+    for device in loop_devices_of(path):
+        subprocess.run(["umount", "--recursive", "--quiet", device], check=False)
+        subprocess.run(["losetup", "--detach", device], check=False)
+
+
+@pytest.fixture
+def image_file(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """Make sparse image files; whatever stays attached over them is detached afterwards."""
+    _require_root()
+    made: list[Path] = []
+
+    def make(name: str = "disk.img", size_mib: int = 1536) -> Path:
+        path = tmp_path / name
+        with open(path, "wb") as handle:
+            handle.truncate(size_mib * MIB)
+        made.append(path)
+        return path
+
+    try:
+        yield make
+    finally:
+        for path in made:
+            detach_all(path)
+
+
+@dataclass
+class ModuleResult:
+    """The outcome of one real module run through ansible-runner."""
+
+    status: str  # "ok", "changed" or "failed"
+    result: dict[str, Any] = field(default_factory=dict)
+    stdout: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "failed"
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.result.get("changed"))
+
+    @property
+    def msg(self) -> str:
+        return str(self.result.get("msg", ""))
+
+
+def _runner_env() -> dict[str, str]:
+    return {
+        "ANSIBLE_COLLECTIONS_PATH": str(COLLECTIONS),
+        "ANSIBLE_COLLECTIONS_SCAN_SYS_PATH": "False",
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_RETRY_FILES_ENABLED": "False",
+        "ANSIBLE_LOCALHOST_WARNING": "False",
+        "ANSIBLE_INVENTORY_UNPARSED_WARNING": "False",
+    }
+
+
+def run_playbook(
+    workdir: Path,
+    plays: list[dict[str, Any]],
+    *,
+    check: bool = False,
+    diff: bool = False,
+    extravars: dict[str, Any] | None = None,
+) -> tuple[str, list[dict[str, Any]], str]:
+    """Run ``plays`` with the real ansible-runner, connection local; return (status, task events, stdout)."""
+    import ansible_runner
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "project").mkdir(exist_ok=True)
+    (workdir / "project" / "play.yml").write_text(yaml.safe_dump(plays, sort_keys=False))
+    inventory = {
+        "all": {
+            "hosts": {
+                "localhost": {
+                    "ansible_connection": "local",
+                    "ansible_python_interpreter": sys.executable,
+                }
+            }
+        }
+    }
+    cmdline = []
+    if check:
+        cmdline.append("--check")
+    if diff:
+        cmdline.append("--diff")
+    runner = ansible_runner.run(
+        private_data_dir=str(workdir),
+        playbook="play.yml",
+        inventory=inventory,
+        envvars=_runner_env(),
+        extravars=extravars or {},
+        cmdline=" ".join(cmdline) or None,
+        quiet=True,
+        rotate_artifacts=1,
+    )
+    events = [
+        ev["event_data"]
+        for ev in runner.events
+        if ev.get("event") in ("runner_on_ok", "runner_on_failed") and "res" in ev.get("event_data", {})
+    ]
+    stdout = runner.stdout.read() if runner.stdout else ""
+    return runner.status, events, stdout
+
+
+@pytest.fixture
+def run_module(tmp_path: Path) -> Callable[..., ModuleResult]:
+    """Run one module of the collection by its FQCN, for real, through ansible-runner."""
+    counter = iter(range(1_000_000))
+
+    def run(name: str, args: dict[str, Any], *, check: bool = False, diff: bool = False) -> ModuleResult:
+        workdir = tmp_path / f"runner-{next(counter)}"
+        task = {"name": f"run {name}", name: args, "ignore_errors": True}
+        plays = [{"hosts": "localhost", "gather_facts": False, "tasks": [task]}]
+        _, events, stdout = run_playbook(workdir, plays, check=check, diff=diff)
+        if not events:
+            raise AssertionError(f"no task result from ansible-runner; output:\n{stdout}")
+        res = events[-1]["res"]
+        status = "failed" if res.get("failed") else ("changed" if res.get("changed") else "ok")
+        return ModuleResult(status=status, result=res, stdout=stdout)
+
+    return run
+
+
+def sfdisk_json(device: str) -> dict[str, Any]:
+    out = subprocess.run(["sfdisk", "--json", device], capture_output=True, text=True, check=True).stdout
+    return json.loads(out)["partitiontable"]  # type: ignore[no-any-return]
+
+
+def blkid(device: str) -> dict[str, str]:
+    out = subprocess.run(
+        ["blkid", "--probe", "--output", "export", device], capture_output=True, text=True, check=False
+    ).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def sha256_of(path: str, *, size: int | None = None) -> str:
+    """Hash a device or file (the first ``size`` bytes when given)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    left = size
+    with open(path, "rb") as handle:
+        while left is None or left > 0:
+            chunk = handle.read(4 * MIB if left is None else min(4 * MIB, left))
+            if not chunk:
+                break
+            digest.update(chunk)
+            if left is not None:
+                left -= len(chunk)
+    return digest.hexdigest()
