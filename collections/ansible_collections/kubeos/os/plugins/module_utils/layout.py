@@ -25,6 +25,9 @@ GPT_LINUX = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
 # GRUB 2.06 cannot read ext4 with metadata_csum_seed; old kernels lack orphan_file.
 EXT4_FEATURES = "^metadata_csum_seed,^orphan_file"
 ALIGN = MIB
+# What a fresh PERSIST holds: the upper and work directories of the /etc overlay, /var, and
+# the agent's own directory (journal, staged downloads). Made only when PERSIST is created.
+PERSIST_DIRS = ("etc-overlay/upper", "etc-overlay/work", "var", "kubeos/journal")
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
@@ -320,7 +323,14 @@ def apply(spec: LayoutSpec, disk: str, steps: Plan, *, efi_image: bytes) -> bloc
         if name == slots.NAME_BOOT:
             continue  # made below, populated in one go
         blockdev.run(["wipefs", "--all", "--force", part.node])
-        _mkfs(part, name)
+        if name == slots.NAME_PERSIST:
+            with tempfile.TemporaryDirectory(prefix="kubeos-persist-") as staging:
+                for directory in PERSIST_DIRS:
+                    os.makedirs(os.path.join(staging, directory), mode=0o755)
+                os.chmod(os.path.join(staging, "kubeos"), 0o700)
+                _mkfs(part, name, populate=staging)
+        else:
+            _mkfs(part, name)
     boot = _need(table, slots.NAME_BOOT)
     if slots.NAME_BOOT in steps.format_parts:
         with tempfile.TemporaryDirectory(prefix="kubeos-boot-") as staging:

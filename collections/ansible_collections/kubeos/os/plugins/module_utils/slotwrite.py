@@ -137,13 +137,20 @@ def write_slot(
             "this disk was laid out by KubeOS; its GRUB config cannot mark a slot not bootable while it is "
             "written, so kubeos will not write it in place. Re-create the disk with kubeos.os.disk_layout"
         )
-    target = choose_slot(state, request.slot)
+    wanted = slots.check_slot_name(request.slot) if request.slot else state.inactive_slot
+    if not request.force and already_written(state, wanted, expected):
+        # Nothing to write, so nothing to protect: even the running slot may be asked for.
+        return WriteOutcome(
+            slot=wanted,
+            device=state.slots[wanted].part.node,
+            changed=False,
+            sha256=expected,
+            version=state.slots[wanted].content.version,
+            message=f"slot {wanted} already holds the image {expected}",
+        )
+    target = choose_slot(state, wanted)
     part = state.slots[target].part
     outcome = WriteOutcome(slot=target, device=part.node, changed=False, sha256=expected)
-    if not request.force and already_written(state, target, expected):
-        outcome.version = state.slots[target].content.version
-        outcome.message = f"slot {target} already holds the image {expected}"
-        return outcome
     progress = ProgressFile(request.progress_file, target)
     progress.report("connecting", force=True)
     with fetch.open_source(request.source) as source:
