@@ -51,7 +51,7 @@ molecule:
 	@if [[ -f '$(ROOT)/molecule/default/molecule.yml' ]]; then \
 		printf '\n==== %s ====\n' 'molecule: test -s default'; \
 		cd '$(ROOT)/molecule' && \
-		ANSIBLE_COLLECTIONS_PATH="$${ANSIBLE_COLLECTIONS_PATH:-$(ROOT)/collections}" \
+		MOLECULE_GLOB='*/molecule.yml' ANSIBLE_COLLECTIONS_PATH="$${ANSIBLE_COLLECTIONS_PATH:-$(ROOT)/collections}" \
 			'$(BIN)/molecule' test -s default; \
 	else \
 		printf '\n==== %s ====\n' 'molecule: skipped (no molecule/default/molecule.yml)'; \
