@@ -142,7 +142,7 @@ def run_playbook(
         rotate_artifacts=1,
     )
     events = [
-        ev["event_data"]
+        {**ev["event_data"], "event": ev["event"]}
         for ev in runner.events
         if ev.get("event") in ("runner_on_ok", "runner_on_failed") and "res" in ev.get("event_data", {})
     ]
@@ -163,7 +163,9 @@ def run_module(tmp_path: Path) -> Callable[..., ModuleResult]:
         if not events:
             raise AssertionError(f"no task result from ansible-runner; output:\n{stdout}")
         res = events[-1]["res"]
-        status = "failed" if res.get("failed") else ("changed" if res.get("changed") else "ok")
+        # ansible-core 2.19 leaves "failed" out of a failed task's result: the event says it.
+        failed = bool(res.get("failed")) or events[-1]["event"] == "runner_on_failed"
+        status = "failed" if failed else ("changed" if res.get("changed") else "ok")
         return ModuleResult(status=status, result=res, stdout=stdout)
 
     return run

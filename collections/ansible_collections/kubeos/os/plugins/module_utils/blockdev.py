@@ -122,10 +122,33 @@ def loop_detach(device: str) -> None:
     run(["losetup", "--detach", device])
 
 
+def loops_over(path: str) -> list[str]:
+    """Loop devices already attached over the image file ``path``."""
+    res = run(["losetup", "--associated", path, "--noheadings", "--output", "NAME"], check=False)
+    return [line.strip() for line in res.out.splitlines() if line.strip()]
+
+
+def image_in_use(path: str) -> list[str]:
+    """Why the image file ``path`` is in use through loop devices attached elsewhere (mounts, holders)."""
+    reasons: list[str] = []
+    for loop in loops_over(path):
+        name = os.path.basename(loop)
+        sys_dir = os.path.join("/sys/class/block", name)
+        parts = sorted(e for e in os.listdir(sys_dir) if e.startswith(name + "p")) if os.path.isdir(sys_dir) else []
+        for node in [loop] + [os.path.join("/dev", p) for p in parts]:
+            for point in mount_points(node):
+                reasons.append(f"{path} is attached as {loop} and {node} is mounted at {point}")
+            holders = os.path.join("/sys/class/block", os.path.basename(node), "holders")
+            if os.path.isdir(holders):
+                reasons += [f"{path} is attached as {loop} and {node} is held by {h}" for h in os.listdir(holders)]
+    return reasons
+
+
 @contextlib.contextmanager
-def attached(path: str) -> Iterator[str]:
+def attached(path: str, *, writable: bool = True) -> Iterator[str]:
     """Yield a block device for ``path``: the device itself, or a loop device over an image file.
 
+    An image file mounted through a loop device attached elsewhere is refused when ``writable``.
     A loop device made here is detached again, whatever happens inside the block.
     """
     if is_block_device(path):
@@ -135,6 +158,10 @@ def attached(path: str) -> Iterator[str]:
         raise DeviceError(
             f"{path} is neither a block device nor an image file; give a disk such as /dev/sdb or an existing image file"
         )
+    if writable:
+        busy = image_in_use(path)
+        if busy:
+            raise DeviceError(f"{'; '.join(busy)}. Unmount it and detach the loop device first; nothing was changed")
     device = loop_attach(path)
     try:
         yield device

@@ -177,7 +177,9 @@ def render_menu(
     """The A/B menu for BOOT's ``grub/grub.cfg``."""
     if sorted(s.name for s in slots) != list(SLOTS):
         raise TemplateError("grub.cfg needs exactly the slots A and B")
-    for char in "\"'$\\;\n{}`":
+    # Anything GRUB's script parser would read as quoting, expansion, a command separator, a
+    # redirection or a comment would break the menu or silently drop the per-slot arguments.
+    for char in "\"'$\\;\n{}`|&<>#":
         if char in kernel_args:
             raise TemplateError(
                 f"kernel_args must not contain {char!r}: give plain kernel arguments such as 'console=ttyS0'"

@@ -98,7 +98,7 @@ class LayoutSpec:
             raise LayoutError("persist_size must be a whole number of MiB, at least 16MiB")
         fixed = sum(p.size for p in self.partitions() if p.size is not None)
         # 1 MiB in front for alignment, 1 MiB behind for the backup GPT, 16 MiB minimum PERSIST.
-        needed = fixed + 2 * MIB + (self.persist_size or 16 * MIB)
+        needed = fixed + 2 * MIB + (0 if self.persist_size is not None else 16 * MIB)
         if needed > disk_size:
             raise LayoutError(
                 f"the layout needs {needed // MIB} MiB but the disk has {disk_size // MIB} MiB; "

@@ -488,11 +488,11 @@ def read_state(disk: str, running_root: str | None = None, *, inspect: bool = Tr
 
 
 @contextlib.contextmanager
-def open_disk(device: str | None, running_root: str | None = None) -> Iterator[str]:
+def open_disk(device: str | None, running_root: str | None = None, *, writable: bool = True) -> Iterator[str]:
     """Yield the block device of the disk to work on: ``device`` (image files get a loop device)
     or, when no device is given, the disk that holds the running root."""
     if device:
-        with blockdev.attached(device) as disk:
+        with blockdev.attached(device, writable=writable) as disk:
             yield disk
     else:
         yield disk_of_root(running_root_spec(running_root))

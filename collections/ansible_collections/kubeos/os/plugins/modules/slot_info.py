@@ -133,7 +133,7 @@ def main() -> None:
         supports_check_mode=True,
     )
     try:
-        with slots.open_disk(module.params["device"], module.params["running_root"]) as disk:
+        with slots.open_disk(module.params["device"], module.params["running_root"], writable=False) as disk:
             facts = slots.read_state(disk, module.params["running_root"]).to_dict()
     except (slots.LayoutError, blockdev.DeviceError, grubenv.GrubEnvError) as exc:
         module.fail_json(msg=str(exc))
