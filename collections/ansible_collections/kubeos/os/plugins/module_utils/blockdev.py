@@ -116,8 +116,11 @@ def loop_attach(path: str) -> str:
 def loop_detach(device: str) -> None:
     # The kernel may still hold a partition briefly after an unmount; retry a little.
     for _attempt in range(20):
-        if run(["losetup", "--detach", device], check=False).rc == 0:
+        res = run(["losetup", "--detach", device], check=False)
+        if res.rc == 0:
             return
+        if "No such device or address" in res.err:
+            return  # already unbound (autoclear after a detach of a device that was still open)
         time.sleep(0.1)
     run(["losetup", "--detach", device])
 

@@ -77,11 +77,12 @@ MENU_TEMPLATE = """\
 #   kubeos_default   the committed slot (A or B)
 #   kubeos_trial     a slot on trial after an upgrade (empty when none)
 #   kubeos_tries     boots left for the trial slot
-#   kubeos_<S>_bootable  "no" while slot S is being written or holds no verified OS
+#   kubeos_<S>_bootable  "no" while slot S is empty, being written, failed verification or used up its trial
 #   kubeos_<S>_cmdline   extra kernel arguments for slot S
 set kubeos_boot="$root"
 set kubeos_env="($kubeos_boot)/{{ env_path }}"
-load_env --file "$kubeos_env"
+# Only our own variables: nothing in the file can change root, prefix or any other GRUB setting.
+load_env --file "$kubeos_env" kubeos_default kubeos_trial kubeos_tries kubeos_trial_failed kubeos_A_bootable kubeos_B_bootable kubeos_A_cmdline kubeos_B_cmdline
 regexp --set=1:kubeos_disk '^(.*),[^,]+$' "$kubeos_boot"
 
 if [ "$kubeos_default" != "B" ]; then
@@ -97,17 +98,22 @@ if [ -n "$kubeos_trial" ]; then
   elif [ "$kubeos_tries" = "{{ n }}" ]; then
     set kubeos_tries="{{ n - 1 }}"
     set kubeos_slot="$kubeos_trial"
-    echo "kubeos: trial boot of slot $kubeos_trial, {{ n }} of the tries left"
+    echo "kubeos: trial boot of slot $kubeos_trial, tries left after this one: {{ n - 1 }}"
 {% endfor %}
   else
     echo "kubeos: slot $kubeos_trial used up its trial boots; back to committed slot $kubeos_default"
     set kubeos_trial_failed="$kubeos_trial"
+{% for s in slots %}
+    if [ "$kubeos_trial" = "{{ s.name }}" ]; then
+      set kubeos_{{ s.name }}_bootable="no"
+    fi
+{% endfor %}
   fi
   if [ "$kubeos_slot" != "$kubeos_trial" ]; then
     set kubeos_trial=""
     set kubeos_tries=""
   fi
-  save_env --file "$kubeos_env" kubeos_trial kubeos_tries kubeos_trial_failed
+  save_env --file "$kubeos_env" kubeos_trial kubeos_tries kubeos_trial_failed kubeos_A_bootable kubeos_B_bootable
 fi
 
 {% for s in slots %}
