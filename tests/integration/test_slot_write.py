@@ -116,8 +116,9 @@ def test_file_image_goes_into_the_inactive_slot_and_is_marked_bootable_only_when
     disk: Disk, payloads: dict[str, Any], run_module: Callable[..., ModuleResult]
 ) -> None:
     a_before = disk.slot_hash("A")
-    res = run_module(WRITE, {"device": str(disk.path), "src": f"file://{payloads['v2.ext4']}",
-                             "sha256": payloads["v2.ext4.sha256"]})
+    res = run_module(
+        WRITE, {"device": str(disk.path), "src": f"file://{payloads['v2.ext4']}", "sha256": payloads["v2.ext4.sha256"]}
+    )
     assert res.changed and not res.failed, res.result
     assert res.result["slot"] == "B"
     assert res.result["version"] == "v2"
@@ -161,8 +162,15 @@ def test_the_committed_slot_of_a_disk_that_is_not_running_is_refused(
     disk: Disk, payloads: dict[str, Any], run_module: Callable[..., ModuleResult]
 ) -> None:
     a_before, env_before = disk.slot_hash("A"), disk.env_bytes()
-    res = run_module(WRITE, {"device": str(disk.path), "slot": "A", "src": f"file://{payloads['v2.ext4']}",
-                             "sha256": payloads["v2.ext4.sha256"]})
+    res = run_module(
+        WRITE,
+        {
+            "device": str(disk.path),
+            "slot": "A",
+            "src": f"file://{payloads['v2.ext4']}",
+            "sha256": payloads["v2.ext4.sha256"],
+        },
+    )
     assert res.failed and "refusing to write slot A" in res.msg and "committed" in res.msg
     assert disk.slot_hash("A") == a_before and disk.env_bytes() == env_before
 
@@ -171,12 +179,22 @@ def test_the_running_slot_is_refused_whatever_is_asked(
     disk: Disk, payloads: dict[str, Any], run_module: Callable[..., ModuleResult]
 ) -> None:
     # Put v2 in B and say the system runs it: B is then the active slot.
-    assert run_module(WRITE, {"device": str(disk.path), "src": f"file://{payloads['v2.ext4']}",
-                              "sha256": payloads["v2.ext4.sha256"]}).changed
+    assert run_module(
+        WRITE, {"device": str(disk.path), "src": f"file://{payloads['v2.ext4']}", "sha256": payloads["v2.ext4.sha256"]}
+    ).changed
     running = f"PARTUUID={disk.state().slots['B'].part.partuuid}"
     b_before, env_before = disk.slot_hash("B"), disk.env_bytes()
-    res = run_module(WRITE, {"device": str(disk.path), "slot": "B", "running_root": running, "force": True,
-                             "src": f"file://{payloads['v1.ext4']}", "sha256": payloads["v1.ext4.sha256"]})
+    res = run_module(
+        WRITE,
+        {
+            "device": str(disk.path),
+            "slot": "B",
+            "running_root": running,
+            "force": True,
+            "src": f"file://{payloads['v1.ext4']}",
+            "sha256": payloads["v1.ext4.sha256"],
+        },
+    )
     assert res.failed and "running system" in res.msg
     assert disk.slot_hash("B") == b_before and disk.env_bytes() == env_before
 
@@ -185,8 +203,11 @@ def test_check_mode_reports_the_slot_and_writes_nothing(
     disk: Disk, payloads: dict[str, Any], run_module: Callable[..., ModuleResult]
 ) -> None:
     b_before, env_before = disk.slot_hash("B"), disk.env_bytes()
-    res = run_module(WRITE, {"device": str(disk.path), "src": f"file://{payloads['v2.ext4']}",
-                             "sha256": payloads["v2.ext4.sha256"]}, check=True)
+    res = run_module(
+        WRITE,
+        {"device": str(disk.path), "src": f"file://{payloads['v2.ext4']}", "sha256": payloads["v2.ext4.sha256"]},
+        check=True,
+    )
     assert res.changed and res.result["slot"] == "B"
     assert disk.slot_hash("B") == b_before and disk.env_bytes() == env_before
 
@@ -196,11 +217,17 @@ def test_https_with_the_right_client_certificate_writes_and_a_wrong_or_missing_o
 ) -> None:
     a_before = disk.slot_hash("A")
     with file_server(payloads["dir"], pki=pki, require_client_cert=True) as url:
-        base = {"device": str(disk.path), "src": f"{url}/v2.ext4", "sha256": payloads["v2.ext4.sha256"],
-                "ca_cert": str(pki.ca_cert)}
+        base = {
+            "device": str(disk.path),
+            "src": f"{url}/v2.ext4",
+            "sha256": payloads["v2.ext4.sha256"],
+            "ca_cert": str(pki.ca_cert),
+        }
         b_before, env_before = disk.slot_hash("B"), disk.env_bytes()
         missing = run_module(WRITE, base)
-        wrong = run_module(WRITE, {**base, "client_cert": str(pki.bad_client_cert), "client_key": str(pki.bad_client_key)})
+        wrong = run_module(
+            WRITE, {**base, "client_cert": str(pki.bad_client_cert), "client_key": str(pki.bad_client_key)}
+        )
         for res in (missing, wrong):
             assert res.failed, res.result
             assert url in res.msg
@@ -217,8 +244,15 @@ def test_https_refuses_a_server_the_given_ca_did_not_sign(
 ) -> None:
     env_before = disk.env_bytes()
     with file_server(payloads["dir"], pki=pki) as url:
-        res = run_module(WRITE, {"device": str(disk.path), "src": f"{url}/v2.ext4",
-                                 "sha256": payloads["v2.ext4.sha256"], "ca_cert": str(pki.bad_ca_cert)})
+        res = run_module(
+            WRITE,
+            {
+                "device": str(disk.path),
+                "src": f"{url}/v2.ext4",
+                "sha256": payloads["v2.ext4.sha256"],
+                "ca_cert": str(pki.bad_ca_cert),
+            },
+        )
     assert res.failed and "certificate" in res.msg.lower()
     assert disk.env_bytes() == env_before
 
@@ -248,13 +282,23 @@ def _tree_listing(root: Path) -> dict[str, tuple[Any, ...]]:
             link = os.readlink(path) if stat.S_ISLNK(st.st_mode) else None
             xattrs = (
                 {k: os.getxattr(path, k, follow_symlinks=False) for k in os.listxattr(path, follow_symlinks=False)}
-                if not stat.S_ISLNK(st.st_mode) else {}
+                if not stat.S_ISLNK(st.st_mode)
+                else {}
             )
             content = sha256_of(str(path)) if stat.S_ISREG(st.st_mode) else None
             hardlink_of = inodes.setdefault(st.st_ino, rel) if stat.S_ISREG(st.st_mode) and st.st_nlink > 1 else None
             rdev = st.st_rdev if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else None
-            listing[rel] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, link,
-                            tuple(sorted(xattrs.items())), content, hardlink_of, rdev)
+            listing[rel] = (
+                stat.S_IFMT(st.st_mode),
+                stat.S_IMODE(st.st_mode),
+                st.st_uid,
+                st.st_gid,
+                link,
+                tuple(sorted(xattrs.items())),
+                content,
+                hardlink_of,
+                rdev,
+            )
     return listing
 
 
@@ -267,8 +311,9 @@ def test_tar_root_filesystem_comes_out_identical(
     tool.write_bytes(b"#!/bin/sh\necho tool\n")
     os.chmod(tool, 0o4755)
     os.setxattr(tool, "user.kubeos", b"xattr value")
-    os.setxattr(tool, "security.capability",
-                bytes.fromhex("0100000200200000000000000000000000000000"))  # cap_net_bind_service+ep
+    os.setxattr(
+        tool, "security.capability", bytes.fromhex("0100000200200000000000000000000000000000")
+    )  # cap_net_bind_service+ep
     os.link(tool, tree / "usr/bin/tool-hardlink")
     os.symlink("/usr/bin/tool", tree / "usr/bin/tool-abs-symlink")
     (tree / "dev").mkdir()
@@ -293,16 +338,30 @@ def test_tar_root_filesystem_comes_out_identical(
 def _playbook_process(workdir: Path, args: dict[str, Any]) -> subprocess.Popen[bytes]:
     """ansible-playbook running one slot_write task, in its own process group (so kill -9 takes the module too)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "play.yml").write_text(yaml.safe_dump([{
-        "hosts": "localhost", "gather_facts": False,
-        "vars": {"ansible_connection": "local", "ansible_python_interpreter": sys.executable},
-        "tasks": [{WRITE: args}],
-    }]))
-    env = {**os.environ, "ANSIBLE_COLLECTIONS_PATH": str(COLLECTIONS), "ANSIBLE_LOCALHOST_WARNING": "False",
-           "ANSIBLE_INVENTORY_UNPARSED_WARNING": "False"}
+    (workdir / "play.yml").write_text(
+        yaml.safe_dump(
+            [
+                {
+                    "hosts": "localhost",
+                    "gather_facts": False,
+                    "vars": {"ansible_connection": "local", "ansible_python_interpreter": sys.executable},
+                    "tasks": [{WRITE: args}],
+                }
+            ]
+        )
+    )
+    env = {
+        **os.environ,
+        "ANSIBLE_COLLECTIONS_PATH": str(COLLECTIONS),
+        "ANSIBLE_LOCALHOST_WARNING": "False",
+        "ANSIBLE_INVENTORY_UNPARSED_WARNING": "False",
+    }
     return subprocess.Popen(
         [str(Path(sys.executable).parent / "ansible-playbook"), "-i", "localhost,", str(workdir / "play.yml")],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
 
 
@@ -314,10 +373,15 @@ def test_a_write_killed_midway_leaves_the_slot_not_bootable_and_a_retry_succeeds
     os.mkfifo(fifo)
     progress = tmp_path / "progress.json"
     a_before = disk.slot_hash("A")
-    proc = _playbook_process(tmp_path / "killed", {
-        "device": str(disk.path), "src": f"file://{fifo}", "sha256": payloads["v2.ext4.sha256"],
-        "progress_file": str(progress),
-    })
+    proc = _playbook_process(
+        tmp_path / "killed",
+        {
+            "device": str(disk.path),
+            "src": f"file://{fifo}",
+            "sha256": payloads["v2.ext4.sha256"],
+            "progress_file": str(progress),
+        },
+    )
     stop = threading.Event()
 
     def feed() -> None:
@@ -356,6 +420,8 @@ def test_a_write_killed_midway_leaves_the_slot_not_bootable_and_a_retry_succeeds
     assert not state.slots["B"].marked_bootable and not state.slots["B"].bootable
     assert state.grub.default == "A" and state.slots["A"].bootable
     assert disk.slot_hash("A") == a_before
-    retry = run_module(WRITE, {"device": str(disk.path), "src": f"file://{image}", "sha256": payloads["v2.ext4.sha256"]})
+    retry = run_module(
+        WRITE, {"device": str(disk.path), "src": f"file://{image}", "sha256": payloads["v2.ext4.sha256"]}
+    )
     assert retry.changed and not retry.failed, retry.result
     assert disk.state().slots["B"].bootable

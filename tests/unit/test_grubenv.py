@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from ansible_collections.kubeos.os.plugins.module_utils import grubenv
 
 GRUB_EDITENV = shutil.which("grub-editenv")
