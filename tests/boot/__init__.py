@@ -1,0 +1,1 @@
+"""Boot tests: disk images laid out by the kubeos.os collection, booted under QEMU with OVMF."""
