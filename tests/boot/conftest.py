@@ -1,4 +1,4 @@
-"""Fixtures of the boot tests: the test OS (built and cached by tests/boot/testos/build.py), QEMU runs that
+"""Fixtures of the boot tests: the test OS (built and cached by tools/vmtest/testos/build.py), QEMU runs that
 are always killed at the end, and host access to a disk image's PERSIST partition while the VM is off.
 
 Tests here need root, QEMU (qemu-system-x86), OVMF, busybox-static, apt (for the Debian kernel package) and
@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from .qemu import QEMU, Console, Qemu, QemuError, ovmf_files, qemu_session
-from .testos import build as testos_build
+from vmtest.qemu import QEMU, Console, Qemu, QemuError, ovmf_files, qemu_session
+from vmtest.testos import build as testos_build
 
 
 @dataclass

@@ -20,8 +20,9 @@ from typing import Any
 import pytest
 import yaml
 
+from vmtest.qemu import Qemu, Run
+
 from .conftest import TestOS, console_tail, mounted_partition, queue_actions
-from .qemu import Qemu, Run
 
 pytestmark = [pytest.mark.loop, pytest.mark.slow]
 

@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
+from vmtest.qemu import Qemu
+
 from .conftest import TestOS, console_tail
-from .qemu import Qemu
 
 pytestmark = [pytest.mark.loop, pytest.mark.slow]
 

@@ -7,7 +7,7 @@ the guest powers off, when ``stop_on`` matched a console line, or at the hard ti
 group is killed). Console lines are timestamped as they arrive, so the seconds each boot took are known.
 
 ``parse_console(text)`` finds, in order, the ``kubeos: …`` lines GRUB printed and the ``KUBEOS-TEST …``
-lines of the test OS (tests/boot/testos), e.g. ``KUBEOS-TEST booted slot=A version=v1 … cmdline=…``.
+lines of the test OS (tools/vmtest/testos), e.g. ``KUBEOS-TEST booted slot=A version=v1 … cmdline=…``.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ Outputs (``out/``; ``manifest.json`` lists them with sizes and hashes):
 - ``rootfs-vN.tar`` and ``rootfs-vN.ext4`` (each with ``.sha256``) for v1 and v2, which boot, and v3, whose
   init fails so that the kernel panics.
 
-Run it as root (it writes the cache and runs mkfs): ``python3 tests/boot/testos/build.py [--force]``, or
+Run it as root (it writes the cache and runs mkfs): ``python3 tools/vmtest/testos/build.py [--force]``, or
 ``scripts/build-test-os.sh``. Needs: apt-get, dpkg-deb, busybox-static, e2fsprogs, GNU tar.
 """
 
