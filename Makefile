@@ -1,5 +1,6 @@
 # kubeos — developer entry points. Works from any directory: make -C <repo> <target> or make -f <repo>/Makefile.
 #
+#   make demo     the main job: provision a disk image, boot it in QEMU, upgrade, fall back from a broken image
 #   make setup    Debian packages + .venv (scripts/setup.sh; cached, ~0.1 s when nothing changed)
 #   make lint     ruff check, ruff format --check, mypy
 #   make sanity   ansible-test sanity for the kubeos.os collection (scripts/ansible-test-sanity.sh)
@@ -22,10 +23,14 @@ export PATH := $(BIN):$(PATH)
 
 section = @printf '\n==== %s ====\n' '$(1)'
 
-.PHONY: help setup lint sanity pytest molecule test bench clean
+.PHONY: help demo setup lint sanity pytest molecule test bench clean
 
 help:
 	@sed -n 's/^#   make /make /p' '$(ROOT)/Makefile'
+
+demo: setup
+	$(call section,demo: provision - boot - upgrade - fall back (scripts/demo.py))
+	'$(BIN)/python' '$(ROOT)/scripts/demo.py'
 
 setup:
 	$(call section,setup: Debian packages and .venv)

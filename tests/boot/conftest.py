@@ -9,11 +9,8 @@ the collection's own tools (sfdisk, mkfs, mtools, grub-mkimage). The test OS cac
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
-import subprocess
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from vmtest.disk import mounted_partition
 from vmtest.qemu import QEMU, Console, Qemu, QemuError, ovmf_files, qemu_session
 from vmtest.testos import build as testos_build
 
@@ -88,53 +86,10 @@ def qemu(tmp_path: Path) -> Iterator[Qemu]:
         yield machine
 
 
-def _partition_node(loop: str, partlabel: str) -> str:
-    table = json.loads(subprocess.run(["sfdisk", "--json", loop], capture_output=True, text=True, check=True).stdout)
-    for part in table["partitiontable"]["partitions"]:
-        if part.get("name") == partlabel:
-            return str(part["node"])
-    raise AssertionError(f"no partition named {partlabel} on {loop}")
-
-
-@contextlib.contextmanager
-def mounted_partition(image: Path, partlabel: str = "PERSIST") -> Iterator[Path]:
-    """Mount a partition (by GPT name) of a disk image file on the host; unmount and detach in finally.
-
-    Only while no VM runs on the image.
-    """
-    loop = subprocess.run(
-        ["losetup", "--find", "--show", "--partscan", str(image)], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    mountpoint = Path(tempfile.mkdtemp(prefix=f"kubeos-{partlabel.lower()}."))
-    mounted = False
-    try:
-        # losetup --partscan alone does not make the partition nodes on every host.
-        subprocess.run(["partx", "--update", loop], capture_output=True, check=False)
-        node = _partition_node(loop, partlabel)
-        subprocess.run(["mount", "-t", "ext4", node, str(mountpoint)], capture_output=True, text=True, check=True)
-        mounted = True
-        yield mountpoint
-    finally:
-        if mounted:
-            subprocess.run(["sync"], check=False)
-            subprocess.run(["umount", str(mountpoint)], check=False)
-        subprocess.run(["partx", "--delete", loop], capture_output=True, check=False)
-        subprocess.run(["losetup", "--detach", loop], check=False)
-        with contextlib.suppress(OSError):
-            mountpoint.rmdir()
-
-
 @pytest.fixture
 def persist() -> Callable[..., contextlib.AbstractContextManager[Path]]:
     """``with persist(image) as root:`` mounts the image's PERSIST on the host (the VM must be off)."""
     return mounted_partition
-
-
-def queue_actions(image: Path, actions: list[str]) -> None:
-    """Replace the test OS' action queue (/persist/test/actions) on the image's PERSIST."""
-    with mounted_partition(image) as root:
-        (root / "test").mkdir(exist_ok=True)
-        (root / "test/actions").write_text("".join(f"{line}\n" for line in actions))
 
 
 def console_tail(console: Console, lines: int = 60) -> str:

@@ -20,9 +20,10 @@ from typing import Any
 import pytest
 import yaml
 
+from vmtest.disk import mounted_partition, queue_actions
 from vmtest.qemu import Qemu, Run
 
-from .conftest import TestOS, console_tail, mounted_partition, queue_actions
+from .conftest import TestOS, console_tail
 
 pytestmark = [pytest.mark.loop, pytest.mark.slow]
 
