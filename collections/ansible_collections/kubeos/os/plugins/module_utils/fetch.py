@@ -241,7 +241,7 @@ def _ssl_context(opts: SourceOptions, url: str) -> ssl.SSLContext:
 
 def _open_http(opts: SourceOptions, url: str) -> ImageSource:
     ctx: ssl.SSLContext | None = None
-    for _ in range(MAX_REDIRECTS + 1):
+    for _redirect in range(MAX_REDIRECTS + 1):
         parsed = urllib.parse.urlsplit(url)
         scheme = parsed.scheme.lower()
         if scheme == "http" and not opts.allow_insecure_http:

@@ -406,10 +406,10 @@ class _Pump:
 
     def run(self) -> int:
         pool: queue.Queue[Optional[tuple[memoryview, int]]] = queue.Queue()
-        for _ in range(self._depth):
+        for _slot in range(self._depth):
             # Page-aligned anonymous memory: usable for O_DIRECT writes.
             pool.put((memoryview(mmap.mmap(-1, self._chunk)), 0))
-        queues: list[queue.Queue[Optional[tuple[memoryview, int]]]] = [queue.Queue() for _ in self._stages]
+        queues: list[queue.Queue[Optional[tuple[memoryview, int]]]] = [queue.Queue() for _stage in self._stages]
         threads = []
         for i, work in enumerate(self._stages):
             last = i == len(self._stages) - 1

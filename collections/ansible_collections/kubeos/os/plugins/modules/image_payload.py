@@ -16,7 +16,7 @@ description:
     M(kubeos.os.slot_write) consumes.
   - Refuses a root filesystem without an os-release or without a kernel at C(/boot/vmlinuz).
   - Building again from an unchanged root filesystem changes nothing (the manifest keeps a fingerprint of the
-    source: the sha256 of a tar, or names, modes, owners, sizes and times of a directory tree).
+    source - the sha256 of a tar, or names, modes, owners, sizes and times of a directory tree).
 author:
   - kubeos contributors (@kubeos)
 requirements:
