@@ -245,7 +245,11 @@ def ovmf_files() -> tuple[Path, Path]:
 class Qemu:
     """Starts QEMU runs in ``workdir``; ``close()`` kills whatever is still running (use it in finally)."""
 
-    def __init__(self, workdir: Path, *, memory_mib: int = 512, machine: str = "q35") -> None:
+    def __init__(self, workdir: Path, *, memory_mib: int = 512, machine: str = "q35", firmware: str = "uefi") -> None:
+        """``firmware``: ``uefi`` (OVMF) or ``bios`` (QEMU's SeaBIOS, for disks with a BIOS boot partition)."""
+        if firmware not in ("uefi", "bios"):
+            raise QemuError(f"firmware must be uefi or bios, not {firmware!r}")
+        self.firmware = firmware
         if not shutil.which(QEMU):
             raise QemuError(f"{QEMU} not found: install the Debian package qemu-system-x86")
         self.workdir = Path(workdir)
@@ -274,10 +278,16 @@ class Qemu:
             f"file:{log}",
             "-nic",
             "none",
-            "-drive",
-            f"if=pflash,format=raw,unit=0,readonly=on,file={self.code}",
-            "-drive",
-            f"if=pflash,format=raw,unit=1,file={vars_file}",
+            *(
+                [
+                    "-drive",
+                    f"if=pflash,format=raw,unit=0,readonly=on,file={self.code}",
+                    "-drive",
+                    f"if=pflash,format=raw,unit=1,file={vars_file}",
+                ]
+                if self.firmware == "uefi"
+                else []
+            ),
             "-drive",
             f"file={image},format=raw,if=virtio",
         ]

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 
-from ansible_collections.kubeos.os.plugins.module_utils import blockdev, grubcfg, grubenv, slots
+from ansible_collections.kubeos.os.plugins.module_utils import biosboot, blockdev, grubcfg, grubenv, slots
 
 MIB = 1024 * 1024
 GPT_ESP = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
@@ -121,6 +121,7 @@ class Plan:
     repartition: bool = False
     format_parts: list[str] = field(default_factory=list)
     write_esp: bool = False
+    write_bios: bool = False
     write_menu: bool = False
     write_env: bool = False
     reasons: list[str] = field(default_factory=list)
@@ -288,6 +289,15 @@ def plan(spec: LayoutSpec, table: blockdev.PartitionTable, *, force: bool, efi_i
             env = read_env_file(boot)
             if env is None:
                 result.write_env = True
+    if spec.bios_boot:
+        boot_part = table.by_name(slots.NAME_BOOT)
+        bios_part = table.by_name(slots.NAME_BIOS)
+        if result.repartition or slots.NAME_BOOT in result.format_parts or boot_part is None or bios_part is None:
+            result.write_bios = True
+        else:
+            result.write_bios = not biosboot.installed(table.disk, bios_part, biosboot.core_image(boot_part.fsuuid))
+    if result.write_bios:
+        result.actions.append("install GRUB for BIOS (boot code in the MBR, core image in BIOS)")
     if result.write_esp and not result.repartition:
         result.actions.append("install GRUB EFI loader and hand-over config on ESP")
     if result.write_menu and not result.repartition:
@@ -353,6 +363,9 @@ def apply(spec: LayoutSpec, disk: str, steps: Plan, *, efi_image: bytes) -> bloc
         esp = _need(table, slots.NAME_ESP)
         blockdev.vfat_write(esp.node, grubcfg.ESP_LOADER_PATH, efi_image)
         blockdev.vfat_write(esp.node, grubcfg.ESP_CONFIG_PATH, _esp_config(table).encode())
+    if steps.write_bios:
+        boot_fs = _need(table, slots.NAME_BOOT)
+        biosboot.install(disk, _need(table, slots.NAME_BIOS), biosboot.core_image(boot_fs.fsuuid))
     blockdev.run(["sync"])
     return table
 

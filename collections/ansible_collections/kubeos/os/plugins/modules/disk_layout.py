@@ -59,7 +59,10 @@ options:
     description: Size of PERSIST. When not given, PERSIST takes the rest of the disk.
     type: str
   bios_boot:
-    description: Put a 1 MiB BIOS boot partition (named V(BIOS)) in front of the ESP, for legacy-BIOS GRUB.
+    description:
+      - Put a 1 MiB BIOS boot partition (named V(BIOS)) in front of the ESP and install GRUB for legacy BIOS -
+        its boot code in the MBR, its core image (which loads the same A/B menu from BOOT) in that partition.
+      - Needs GRUB's i386-pc platform on the host (Debian package grub-pc-bin).
     type: bool
     default: false
   kernel_args:
@@ -120,7 +123,7 @@ partitions:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.kubeos.os.plugins.module_utils import blockdev, grubcfg, grubenv, layout
+from ansible_collections.kubeos.os.plugins.module_utils import biosboot, blockdev, grubcfg, grubenv, layout
 
 
 def main() -> None:
@@ -169,7 +172,13 @@ def main() -> None:
             )
             if module._diff and steps.changed:
                 result["diff"] = layout.diff_text(before, after, steps)
-    except (layout.LayoutError, blockdev.DeviceError, grubenv.GrubEnvError, grubcfg.TemplateError) as exc:
+    except (
+        layout.LayoutError,
+        biosboot.BiosBootError,
+        blockdev.DeviceError,
+        grubenv.GrubEnvError,
+        grubcfg.TemplateError,
+    ) as exc:
         module.fail_json(msg=str(exc))
     except blockdev.CommandError as exc:
         module.fail_json(msg=str(exc), rc=exc.rc, stdout=exc.out, stderr=exc.err, cmd=exc.argv)
