@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -114,3 +115,45 @@ def test_provision_refuses_a_disk_in_use_and_changes_nothing(tmp_path: Path, ima
         assert persist is not None
         with blockdev.mounted(persist.node, readonly=True) as root:
             assert (Path(root) / "keep-me").read_text() == "data\n"
+
+
+def test_provision_over_ssh_lays_out_the_disk_and_installs_the_first_os(
+    tmp_path: Path, image_file: Callable[..., Path]
+) -> None:
+    from support import sshd
+
+    if not sshd.available():
+        pytest.skip("OpenSSH server and client are not installed (scripts/setup.sh installs them)")
+    disk = image_file("remote.img", size_mib=1024)
+    tree = make_os_tree(tmp_path / "tree", "9")
+    rootfs = tmp_path / "rootfs.tar"
+    digest = make_tar(tree, rootfs)
+    with sshd.sshd(tmp_path / "sshd") as server:
+        inventory = {
+            "all": {"hosts": {"node1": {**server.inventory_vars(), "ansible_python_interpreter": sys.executable}}}
+        }
+        workdir = tmp_path / "run"
+        workdir.mkdir()
+        runner = ansible_runner.run(
+            private_data_dir=str(workdir),
+            playbook=str(REPO / "playbooks" / "provision.yml"),
+            inventory=inventory,
+            envvars={"ANSIBLE_COLLECTIONS_PATH": str(COLLECTIONS), "ANSIBLE_NOCOLOR": "1"},
+            extravars={
+                "target": "node1",
+                "device": str(disk),
+                "root_size": "256MiB",
+                "image": f"file://{rootfs}",
+                "sha256": digest,
+                "format": "tar",
+            },
+            quiet=True,
+            rotate_artifacts=1,
+        )
+        stdout = runner.stdout.read() if runner.stdout else ""
+        assert runner.status == "successful", stdout
+        assert "node1" in (runner.stats or {}).get("ok", {}), stdout
+    with blockdev.attached(str(disk), writable=False) as dev:
+        state = slots.read_state(dev)
+        assert state.grub.default == "A" and state.slots["A"].bootable
+        assert state.slots["A"].content.version == "9"
