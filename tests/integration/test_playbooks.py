@@ -138,7 +138,12 @@ def test_provision_over_ssh_lays_out_the_disk_and_installs_the_first_os(
             private_data_dir=str(workdir),
             playbook=str(REPO / "playbooks" / "provision.yml"),
             inventory=inventory,
-            envvars={"ANSIBLE_COLLECTIONS_PATH": str(COLLECTIONS), "ANSIBLE_NOCOLOR": "1"},
+            # No SSH master connection may outlive the test.
+            envvars={
+                "ANSIBLE_COLLECTIONS_PATH": str(COLLECTIONS),
+                "ANSIBLE_NOCOLOR": "1",
+                "ANSIBLE_SSH_ARGS": "-o ControlMaster=no",
+            },
             extravars={
                 "target": "node1",
                 "device": str(disk),
