@@ -150,25 +150,37 @@ def run_playbook(
     return runner.status, events, stdout
 
 
+def run_module_once(
+    workdir: Path, name: str, args: dict[str, Any], *, check: bool = False, diff: bool = False
+) -> ModuleResult:
+    """Run one module of the collection by its FQCN, for real, through ansible-runner."""
+    task = {"name": f"run {name}", name: args, "ignore_errors": True}
+    plays = [{"hosts": "localhost", "gather_facts": False, "tasks": [task]}]
+    _, events, stdout = run_playbook(workdir, plays, check=check, diff=diff)
+    if not events:
+        raise AssertionError(f"no task result from ansible-runner; output:\n{stdout}")
+    res = events[-1]["res"]
+    # ansible-core 2.19 leaves "failed" out of a failed task's result: the event says it.
+    failed = bool(res.get("failed")) or events[-1]["event"] == "runner_on_failed"
+    status = "failed" if failed else ("changed" if res.get("changed") else "ok")
+    return ModuleResult(status=status, result=res, stdout=stdout)
+
+
 @pytest.fixture
 def run_module(tmp_path: Path) -> Callable[..., ModuleResult]:
-    """Run one module of the collection by its FQCN, for real, through ansible-runner."""
+    """``run_module(fqcn, args, check=False, diff=False)``: run_module_once in the test's own directory."""
     counter = iter(range(1_000_000))
 
     def run(name: str, args: dict[str, Any], *, check: bool = False, diff: bool = False) -> ModuleResult:
-        workdir = tmp_path / f"runner-{next(counter)}"
-        task = {"name": f"run {name}", name: args, "ignore_errors": True}
-        plays = [{"hosts": "localhost", "gather_facts": False, "tasks": [task]}]
-        _, events, stdout = run_playbook(workdir, plays, check=check, diff=diff)
-        if not events:
-            raise AssertionError(f"no task result from ansible-runner; output:\n{stdout}")
-        res = events[-1]["res"]
-        # ansible-core 2.19 leaves "failed" out of a failed task's result: the event says it.
-        failed = bool(res.get("failed")) or events[-1]["event"] == "runner_on_failed"
-        status = "failed" if failed else ("changed" if res.get("changed") else "ok")
-        return ModuleResult(status=status, result=res, stdout=stdout)
+        return run_module_once(tmp_path / f"runner-{next(counter)}", name, args, check=check, diff=diff)
 
     return run
+
+
+def copy_sparse(source: Path, target: Path) -> Path:
+    """Copy an image file keeping it sparse (fast, small)."""
+    subprocess.run(["cp", "--sparse=always", str(source), str(target)], check=True)
+    return target
 
 
 def sfdisk_json(device: str) -> dict[str, Any]:

@@ -7,18 +7,13 @@ collection's modules (the image loop-attached by the modules themselves).
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+from support.killedwrite import kill_slot_write_midway
 
 from vmtest.disk import mounted_partition, queue_actions
 from vmtest.qemu import Qemu, Run
@@ -149,87 +144,9 @@ def test_a_write_killed_midway_leaves_a_disk_that_boots_the_committed_slot(
     node: Path, tmp_path: Path, run_module: Callable[..., Any], testos: TestOS, qemu: Qemu
 ) -> None:
     # 6. slot_write of v2 into B through ansible-playbook, killed with SIGKILL half-way through.
-    image = testos.ext4("v2")
-    fifo = tmp_path / "source"
-    os.mkfifo(fifo)
-    progress = tmp_path / "progress.json"
-    play = tmp_path / "write.yml"
-    play.write_text(
-        yaml.safe_dump(
-            [
-                {
-                    "hosts": "localhost",
-                    "gather_facts": False,
-                    "vars": {"ansible_connection": "local", "ansible_python_interpreter": sys.executable},
-                    "tasks": [
-                        {
-                            "kubeos.os.slot_write": {
-                                "device": str(node),
-                                "src": f"file://{fifo}",
-                                "sha256": testos.sha256("rootfs-v2.ext4"),
-                                "progress_file": str(progress),
-                            }
-                        }
-                    ],
-                }
-            ]
-        )
+    kill_slot_write_midway(
+        tmp_path / "killed", REPO / "collections", node, testos.ext4("v2"), testos.sha256("rootfs-v2.ext4")
     )
-    env = {
-        **os.environ,
-        "ANSIBLE_COLLECTIONS_PATH": str(REPO / "collections"),
-        "ANSIBLE_LOCALHOST_WARNING": "False",
-        "ANSIBLE_INVENTORY_UNPARSED_WARNING": "False",
-    }
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "ansible-playbook"), "-i", "localhost,", str(play)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    stop = threading.Event()
-
-    def feed() -> None:
-        with open(fifo, "wb") as pipe, open(image, "rb") as src:
-            for _chunk in range(os.path.getsize(image) // 2 // MIB):
-                if stop.is_set():
-                    return
-                pipe.write(src.read(MIB))
-                pipe.flush()
-                time.sleep(0.1)
-            stop.wait(120)
-
-    feeder = threading.Thread(target=feed, daemon=True)
-    feeder.start()
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if (
-                progress.exists()
-                and '"writing"' in progress.read_text()
-                and '"bytes_done": 0,' not in progress.read_text()
-            ):
-                break
-            time.sleep(0.1)
-        else:
-            pytest.fail("the write never started")
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        stop.set()
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        feeder.join(timeout=10)
-    # The killed module could not detach its own loop device; only loops over this image are touched.
-    for loop in subprocess.run(
-        ["losetup", "--associated", str(node), "--noheadings", "--output", "NAME"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.split():
-        subprocess.run(["losetup", "--detach", loop], check=False)
 
     env_after = _grubenv(node)
     assert env_after.get("kubeos_B_bootable") == "no", env_after

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
@@ -18,7 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ModuleResult, detach_all, loop_devices_of, run_playbook, sfdisk_json, sha256_of
+from conftest import (
+    ModuleResult,
+    copy_sparse,
+    detach_all,
+    loop_devices_of,
+    run_module_once,
+    sfdisk_json,
+    sha256_of,
+)
 from support.osimage import make_ext4_image, make_os_tree, make_tar
 
 MIB = 1024 * 1024
@@ -29,29 +36,11 @@ FQCN = "kubeos.os.boot_slot"
 pytestmark = pytest.mark.loop
 
 
-def really_failed(res: ModuleResult) -> ModuleResult:
-    """ansible-core 2.19 leaves ``failed`` out of an ignored failure's result; the play recap still counts it."""
-    if not res.failed and re.search(r"\bignored=[1-9]", res.stdout):
-        return ModuleResult(status="failed", result=res.result, stdout=res.stdout)
-    return res
-
-
-@pytest.fixture
-def run_module(run_module: Callable[..., ModuleResult]) -> Callable[..., ModuleResult]:
-    """The shared runner, with failures reported as failures."""
-
-    def run(name: str, args: dict[str, Any], **kwargs: bool) -> ModuleResult:
-        return really_failed(run_module(name, args, **kwargs))
-
-    return run
-
-
 def run_once(workdir: Path, fqcn: str, args: dict[str, Any]) -> dict[str, Any]:
     """One successful real module run outside a test function (for module-scoped fixtures)."""
-    plays = [{"hosts": "localhost", "gather_facts": False, "tasks": [{fqcn: args}]}]
-    status, events, stdout = run_playbook(workdir, plays)
-    assert status == "successful" and events, f"{fqcn} failed:\n{stdout}"
-    return events[-1]["res"]  # type: ignore[no-any-return]
+    res = run_module_once(workdir, fqcn, args)
+    assert not res.failed, f"{fqcn} failed:\n{res.stdout}"
+    return res.result
 
 
 # --- reading and editing BOOT without the module ----------------------------------------------------------
@@ -116,10 +105,10 @@ def templates(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Templates]:
         raw_sha = make_ext4_image(make_os_tree(base / "tree-2.0", "2.0"), raw, size_mib=32)
         tar = base / "os-1.0.tar"
         tar_sha = make_tar(make_os_tree(base / "tree-1.0", "1.0"), tar)
-        subprocess.run(["cp", "--sparse=always", str(laid_out), str(b_written)], check=True)
+        copy_sparse(laid_out, b_written)
         args = {"device": str(b_written), "slot": "B", "src": f"file://{raw}", "sha256": raw_sha, "format": "raw"}
         run_once(base / "r2", "kubeos.os.slot_write", args)
-        subprocess.run(["cp", "--sparse=always", str(b_written), str(ab_written)], check=True)
+        copy_sparse(b_written, ab_written)
         args = {"device": str(ab_written), "slot": "A", "src": f"file://{tar}", "sha256": tar_sha, "format": "tar"}
         run_once(base / "r3", "kubeos.os.slot_write", args)
         yield Templates(laid_out, b_written, ab_written, tar, tar_sha)
@@ -134,7 +123,7 @@ def copy_of(templates: Templates, image_file: Callable[..., Path]) -> Callable[[
 
     def copy(which: str) -> Path:
         target = image_file(f"{which}.img", SIZE_MIB)
-        subprocess.run(["cp", "--sparse=always", str(getattr(templates, which)), str(target)], check=True)
+        copy_sparse(getattr(templates, which), target)
         return target
 
     return copy

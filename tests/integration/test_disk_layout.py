@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import re
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
@@ -20,7 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ModuleResult, blkid, detach_all, loop_devices_of, run_playbook, sfdisk_json, sha256_of
+from conftest import (
+    ModuleResult,
+    blkid,
+    copy_sparse,
+    detach_all,
+    loop_devices_of,
+    run_module_once,
+    sfdisk_json,
+    sha256_of,
+)
 
 from ansible_collections.kubeos.os.plugins.module_utils import grubcfg
 
@@ -114,38 +122,12 @@ def is_all_zeros(image: Path) -> bool:
     return True
 
 
-def copy_image(source: Path, target: Path) -> Path:
-    subprocess.run(["cp", "--sparse=always", str(source), str(target)], check=True)
-    return target
-
-
 # --- one laid-out image, shared read-only by the tests that only look at it -------------------------------
-
-
-def really_failed(res: ModuleResult) -> ModuleResult:
-    """ansible-core 2.19 leaves ``failed`` out of an ignored failure's result; the play recap still counts it."""
-    if not res.failed and re.search(r"\bignored=[1-9]", res.stdout):
-        return ModuleResult(status="failed", result=res.result, stdout=res.stdout)
-    return res
-
-
-@pytest.fixture
-def run_module(run_module: Callable[..., ModuleResult]) -> Callable[..., ModuleResult]:
-    """The shared runner, with failures reported as failures."""
-
-    def run(name: str, args: dict[str, Any], **kwargs: bool) -> ModuleResult:
-        return really_failed(run_module(name, args, **kwargs))
-
-    return run
 
 
 def run_once(workdir: Path, args: dict[str, Any], *, diff: bool = False) -> ModuleResult:
     """One real module run outside a test function (for module-scoped fixtures)."""
-    plays = [{"hosts": "localhost", "gather_facts": False, "tasks": [{FQCN: args, "ignore_errors": True}]}]
-    _, events, stdout = run_playbook(workdir, plays, diff=diff)
-    assert events, f"no task result from ansible-runner; output:\n{stdout}"
-    res = events[-1]["res"]
-    return really_failed(ModuleResult(status="changed" if res.get("changed") else "ok", result=res, stdout=stdout))
+    return run_module_once(workdir, FQCN, args, diff=diff)
 
 
 @dataclass
@@ -174,7 +156,7 @@ def laid_out(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LaidOut]:
 @pytest.fixture
 def laid_out_copy(laid_out: LaidOut, image_file: Callable[..., Path]) -> Path:
     """A private copy of the laid-out image, for tests that change it."""
-    return copy_image(laid_out.image, image_file("copy.img", SIZE_MIB))
+    return copy_sparse(laid_out.image, image_file("copy.img", SIZE_MIB))
 
 
 def test_fresh_image_gets_gpt_esp_boot_two_slots_and_persist(laid_out: LaidOut) -> None:

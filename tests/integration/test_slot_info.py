@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,7 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ModuleResult, detach_all, loop_devices_of, run_playbook, sfdisk_json, sha256_of
+from conftest import (
+    ModuleResult,
+    copy_sparse,
+    detach_all,
+    loop_devices_of,
+    run_module_once,
+    sfdisk_json,
+    sha256_of,
+)
 from support.osimage import make_ext4_image, make_os_tree, make_tar
 
 MIB = 1024 * 1024
@@ -29,29 +36,11 @@ MTOOLS_ENV = {**os.environ, "MTOOLS_SKIP_CHECK": "1", "LC_ALL": "C"}
 pytestmark = pytest.mark.loop
 
 
-def really_failed(res: ModuleResult) -> ModuleResult:
-    """ansible-core 2.19 leaves ``failed`` out of an ignored failure's result; the play recap still counts it."""
-    if not res.failed and re.search(r"\bignored=[1-9]", res.stdout):
-        return ModuleResult(status="failed", result=res.result, stdout=res.stdout)
-    return res
-
-
-@pytest.fixture
-def run_module(run_module: Callable[..., ModuleResult]) -> Callable[..., ModuleResult]:
-    """The shared runner, with failures reported as failures."""
-
-    def run(name: str, args: dict[str, Any], **kwargs: bool) -> ModuleResult:
-        return really_failed(run_module(name, args, **kwargs))
-
-    return run
-
-
 def run_once(workdir: Path, fqcn: str, args: dict[str, Any]) -> dict[str, Any]:
     """One successful real module run outside a test function (for module-scoped fixtures)."""
-    plays = [{"hosts": "localhost", "gather_facts": False, "tasks": [{fqcn: args}]}]
-    status, events, stdout = run_playbook(workdir, plays)
-    assert status == "successful" and events, f"{fqcn} failed:\n{stdout}"
-    return events[-1]["res"]  # type: ignore[no-any-return]
+    res = run_module_once(workdir, fqcn, args)
+    assert not res.failed, f"{fqcn} failed:\n{res.stdout}"
+    return res.result
 
 
 def facts_of(res: ModuleResult) -> dict[str, Any]:
@@ -102,7 +91,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Images]:
         handle.truncate(SIZE_MIB * MIB)
     try:
         run_once(base / "r1", "kubeos.os.disk_layout", {"device": str(fresh), "root_size": ROOT_SIZE})
-        subprocess.run(["cp", "--sparse=always", str(fresh), str(written)], check=True)
+        copy_sparse(fresh, written)
         tar = base / "os-1.0.tar"
         tar_sha = make_tar(make_os_tree(base / "tree-1.0", "1.0"), tar)
         raw = base / "os-2.0.ext4"

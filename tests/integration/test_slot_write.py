@@ -6,21 +6,15 @@ bytes of the slot it must not write are the same before and after.
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import stat
-import subprocess
-import sys
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from conftest import COLLECTIONS, ModuleResult, blkid, detach_all, run_playbook, sha256_of
+from conftest import COLLECTIONS, ModuleResult, blkid, copy_sparse, detach_all, run_playbook, sha256_of
+from support.killedwrite import kill_slot_write_midway
 from support.osimage import make_ext4_image, make_os_tree, make_tar
 from support.tls import Pki, file_server, make_pki
 
@@ -100,7 +94,7 @@ def base_disk(tmp_path_factory: pytest.TempPathFactory, payloads: dict[str, Any]
 @pytest.fixture
 def disk(base_disk: Path, tmp_path: Path) -> Iterator[Disk]:
     copy = tmp_path / "disk.img"
-    subprocess.run(["cp", "--sparse=always", str(base_disk), str(copy)], check=True)
+    copy_sparse(base_disk, copy)
     try:
         yield Disk(copy)
     finally:
@@ -335,87 +329,12 @@ def test_tar_root_filesystem_comes_out_identical(
             assert _tree_listing(Path(root)) == _tree_listing(tree)
 
 
-def _playbook_process(workdir: Path, args: dict[str, Any]) -> subprocess.Popen[bytes]:
-    """ansible-playbook running one slot_write task, in its own process group (so kill -9 takes the module too)."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "play.yml").write_text(
-        yaml.safe_dump(
-            [
-                {
-                    "hosts": "localhost",
-                    "gather_facts": False,
-                    "vars": {"ansible_connection": "local", "ansible_python_interpreter": sys.executable},
-                    "tasks": [{WRITE: args}],
-                }
-            ]
-        )
-    )
-    env = {
-        **os.environ,
-        "ANSIBLE_COLLECTIONS_PATH": str(COLLECTIONS),
-        "ANSIBLE_LOCALHOST_WARNING": "False",
-        "ANSIBLE_INVENTORY_UNPARSED_WARNING": "False",
-    }
-    return subprocess.Popen(
-        [str(Path(sys.executable).parent / "ansible-playbook"), "-i", "localhost,", str(workdir / "play.yml")],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
 def test_a_write_killed_midway_leaves_the_slot_not_bootable_and_a_retry_succeeds(
     disk: Disk, tmp_path: Path, payloads: dict[str, Any], run_module: Callable[..., ModuleResult]
 ) -> None:
     image = payloads["v2.ext4"]
-    fifo = tmp_path / "slow-source"
-    os.mkfifo(fifo)
-    progress = tmp_path / "progress.json"
     a_before = disk.slot_hash("A")
-    proc = _playbook_process(
-        tmp_path / "killed",
-        {
-            "device": str(disk.path),
-            "src": f"file://{fifo}",
-            "sha256": payloads["v2.ext4.sha256"],
-            "progress_file": str(progress),
-        },
-    )
-    stop = threading.Event()
-
-    def feed() -> None:
-        # Half the image, slowly (so progress is reported), then hold the pipe open:
-        # the module is mid-write when it is killed.
-        with open(fifo, "wb") as pipe, open(image, "rb") as src:
-            for _chunk in range(os.path.getsize(image) // 2 // MIB):
-                if stop.is_set():
-                    return
-                pipe.write(src.read(MIB))
-                pipe.flush()
-                time.sleep(0.1)
-            stop.wait(120)
-
-    feeder = threading.Thread(target=feed, daemon=True)
-    feeder.start()
-    try:
-        deadline = time.monotonic() + 90
-        done = 0
-        while time.monotonic() < deadline and done < 8 * MIB:
-            if progress.exists():
-                report = json.loads(progress.read_text())
-                done = report["bytes_done"] if report["phase"] == "writing" else 0
-            time.sleep(0.1)
-        assert done >= 8 * MIB, f"the write did not start: {proc.stdout.read1() if proc.stdout else b''!r}"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        stop.set()
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        feeder.join(timeout=10)
-    detach_all(disk.path)  # the killed module could not detach its loop device
+    kill_slot_write_midway(tmp_path / "killed", COLLECTIONS, disk.path, image, payloads["v2.ext4.sha256"])
     state = disk.state()
     assert not state.slots["B"].marked_bootable and not state.slots["B"].bootable
     assert state.grub.default == "A" and state.slots["A"].bootable

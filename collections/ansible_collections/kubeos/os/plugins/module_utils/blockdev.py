@@ -255,7 +255,8 @@ def read_table(disk: str) -> PartitionTable:
             )
         )
     if parts:
-        if not all(is_block_device(p.node) for p in parts):
+        # The kernel's view (sysfs), not /dev: a stale node can outlive its partition for a moment.
+        if not all(os.path.exists(os.path.join("/sys/class/block", os.path.basename(p.node))) for p in parts):
             sync_kernel_partitions(disk)
         wait_for_nodes([p.node for p in parts])
     for part in parts:
