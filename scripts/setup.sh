@@ -19,7 +19,7 @@ CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt
 APT_PACKAGES=(
     fdisk e2fsprogs dosfstools mtools grub-common grub-efi-amd64-bin ovmf
     qemu-system-x86 qemu-utils busybox-static attr acl openssl tar zstd xz-utils
-    util-linux git python3-venv make grub-pc-bin openssh-server openssh-client docker-registry
+    util-linux git python3-venv make grub-pc-bin openssh-server openssh-client docker-registry etcd-server debootstrap
 )
 
 step() { printf 'setup: %s\n' "$*"; }
