@@ -5,6 +5,7 @@
                       [--insecure-http] [--format raw|tar] [--tries N] [--no-reboot] [--prepare-only]
     kubeosctl rollback [--no-reboot]
     kubeosctl mark-good
+    kubeosctl config -f FILE [--dry-run] [--reload-sysctl] [--restart-kubelet] [--restart-containerd]
     kubeosctl operations [ID]
     kubeosctl cancel ID
 
@@ -25,6 +26,8 @@ import json
 import os
 import sys
 from typing import Any, TextIO
+
+import yaml
 
 from .client import AgentClient, AgentUnreachable, Response
 from .config import DEFAULT_SOCKET
@@ -258,6 +261,67 @@ def _simple(operation: str, **fixed: Any) -> Any:
     return command
 
 
+def load_sysconfigs(path: str, *, upgradeconfigs: bool = False) -> dict[str, Any]:
+    """``version`` and ``configs`` from a YAML (or JSON) file: KubeOS's sysconfigs shape ``{version, configs}``,
+    a bare list of configs, or a whole ``OS`` object (its ``spec.sysconfigs``, or ``spec.upgradeconfigs``)."""
+    try:
+        with open(path, encoding="utf-8") if path != "-" else sys.stdin as handle:
+            data = yaml.safe_load(handle)
+    except OSError as exc:
+        raise CtlError(EXIT_USAGE, f"cannot read {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise CtlError(EXIT_USAGE, f"{path} is not valid YAML: {exc}") from exc
+    if isinstance(data, dict) and data.get("kind") == "OS":
+        name = "upgradeconfigs" if upgradeconfigs else "sysconfigs"
+        data = (data.get("spec") or {}).get(name)
+        if data is None:
+            raise CtlError(EXIT_USAGE, f"{path}: the OS object has no spec.{name}")
+    if isinstance(data, list):
+        data = {"configs": data}
+    if not isinstance(data, dict) or "configs" not in data:
+        raise CtlError(
+            EXIT_USAGE, f"{path} must hold KubeOS sysconfigs - {{version, configs: [...]}} - or an OS object"
+        )
+    unknown = sorted(set(data) - {"version", "configs"})
+    if unknown:
+        raise CtlError(
+            EXIT_USAGE, f"{path}: unknown field(s) {', '.join(unknown)}; sysconfigs have version and configs"
+        )
+    out: dict[str, Any] = {"configs": data.get("configs") or []}
+    if data.get("version") is not None:
+        out["version"] = str(data["version"])
+    return out
+
+
+def _print_applied(op: dict[str, Any]) -> None:
+    result = op.get("result") or {}
+    for entry in result.get("applied") or []:
+        where = entry.get("target", "")
+        for item in entry.get("contents") or []:
+            if not item.get("changed") and not item.get("note"):
+                continue
+            change = f"{json.dumps(item.get('before'))} -> {json.dumps(item.get('after'))}"
+            note = f" ({item['note']})" if item.get("note") else ""
+            print(f"  {entry.get('model')} {where}: {item.get('key')} {change}{note}")
+
+
+def cmd_config(client: AgentClient, args: argparse.Namespace) -> int:
+    fields = load_sysconfigs(args.file, upgradeconfigs=args.upgradeconfigs)
+    fields.update(
+        dry_run=args.dry_run,
+        reload_sysctl=args.reload_sysctl,
+        restart_kubelet=args.restart_kubelet,
+        restart_containerd=args.restart_containerd,
+    )
+    op = _run(client, args, "configure", **fields)
+    code = _report(op, args)
+    if args.json:
+        _print_json(op)
+    elif code == EXIT_OK:
+        _print_applied(op)
+    return code
+
+
 def cmd_operations(client: AgentClient, args: argparse.Namespace) -> int:
     if args.id:
         resp = client.get(args.id)
@@ -327,6 +391,17 @@ def build_parser() -> argparse.ArgumentParser:
     rb.set_defaults(func=_simple("rollback"))
 
     sub.add_parser("mark-good", help="commit the running slot").set_defaults(func=_simple("mark_good"))
+
+    cfg = sub.add_parser("config", help="apply KubeOS configuration models (sysconfigs) from a file, all or nothing")
+    cfg.add_argument(
+        "-f", "--file", required=True, help="YAML: {version, configs: [...]}, or an OS object; - for stdin"
+    )
+    cfg.add_argument("--upgradeconfigs", action="store_true", help="from an OS object, take spec.upgradeconfigs")
+    cfg.add_argument("--dry-run", action="store_true", help="check and show the changes, write nothing")
+    cfg.add_argument("--reload-sysctl", action="store_true", help="load changed persistent sysctl files")
+    cfg.add_argument("--restart-kubelet", action="store_true", help="restart kubelet if its configuration changed")
+    cfg.add_argument("--restart-containerd", action="store_true", help="restart containerd if its config changed")
+    cfg.set_defaults(func=cmd_config)
 
     ops = sub.add_parser("operations", help="recent operations, or one with its events")
     ops.add_argument("id", nargs="?")

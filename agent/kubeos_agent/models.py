@@ -21,6 +21,17 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 SHA256_PATTERN = r"^(sha256:)?[0-9a-fA-F]{64}$"
+CONTAINER_IMAGE_TYPES = ("docker", "containerd")
+# A container image reference as Docker, Podman and KubeOS write it: [registry[:port]/]repository[:tag][@sha256:…].
+# The collection's module_utils.oci parses it precisely; this only keeps nonsense out of the playbook run.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+IMAGE_REFERENCE = re.compile(
+    rf"^(?:(?:{_LABEL}(?:\.{_LABEL})*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{{1,5}})?/)?"
+    rf"{_COMPONENT}(?:/{_COMPONENT})*"
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?"
+    r"(?:@sha256:(?P<digest>[0-9a-fA-F]{64}))?$"
+)
 MAX_EVENTS = 50
 
 
@@ -38,6 +49,7 @@ class OperationKind(enum.StrEnum):
     UPGRADE = "upgrade"
     ROLLBACK = "rollback"
     MARK_GOOD = "mark_good"
+    CONFIGURE = "configure"
     # Started by the agent itself after a boot: health checks, then commit or roll back.
     VERIFY_UPGRADE = "verify_upgrade"
 
@@ -97,6 +109,9 @@ class PrepareUpgradeRequest(_Request):
     operation: Literal["prepare_upgrade"]
     version: str = Field(default="", max_length=256)
     imagetype: Literal["disk", "docker", "containerd"] = "disk"
+    # imagetype disk: the image URL. docker/containerd: containerimage, a container image whose root
+    # filesystem is the OS, pulled from its registry over HTTPS by digest (checksum is the image digest);
+    # KubeOS's CRD requires both fields, so the one the imagetype does not use is ignored.
     imageurl: str = Field(default="", max_length=4096)
     containerimage: str = Field(default="", max_length=1024)
     checksum: str = Field(pattern=SHA256_PATTERN)
@@ -110,12 +125,9 @@ class PrepareUpgradeRequest(_Request):
 
     def check(self) -> None:
         """Rules across fields; raise RequestError naming the field to fix."""
-        if self.imagetype != "disk":
-            raise RequestError(
-                "imagetype",
-                f"imagetype {self.imagetype!r} (a container image) is not supported yet by this agent; "
-                "publish the OS as a disk image and use imagetype 'disk' with imageurl",
-            )
+        if self.imagetype in CONTAINER_IMAGE_TYPES:
+            self._check_container_image()
+            return
         if not self.imageurl:
             raise RequestError("imageurl", "imageurl is required for imagetype 'disk'")
         try:
@@ -149,6 +161,56 @@ class PrepareUpgradeRequest(_Request):
                     raise RequestError(name, f"{name} is only used with mtls: true")
         if self.cacert and scheme != "https":
             raise RequestError("cacert", "cacert is only used with an https:// imageurl")
+
+    def _check_container_image(self) -> None:
+        kind = self.imagetype
+        if not self.containerimage:
+            raise RequestError(
+                "containerimage",
+                f"containerimage is required for imagetype {kind!r}: registry.example.com/kubeos/os:TAG or "
+                "…/os@sha256:DIGEST",
+            )
+        if "://" in self.containerimage:
+            raise RequestError(
+                "containerimage",
+                "give the image without a scheme: registry.example.com[:port]/repository[:tag][@sha256:digest] "
+                "(the registry is always reached over https)",
+            )
+        match = IMAGE_REFERENCE.match(self.containerimage)
+        if match is None:
+            raise RequestError(
+                "containerimage",
+                f"{self.containerimage!r} is not an image reference: registry.example.com[:port]/repository"
+                "[:tag][@sha256:digest] (lower-case repository, only sha256 digests, no credentials)",
+            )
+        pinned = match.group("digest")
+        if pinned and pinned.lower() != self.sha256:
+            raise RequestError(
+                "checksum",
+                f"containerimage pins sha256:{pinned.lower()} but checksum is sha256:{self.sha256}; "
+                "for a container image the checksum is the image digest: they must be the same",
+            )
+        if "format" in self.model_fields_set:
+            raise RequestError(
+                "format", f"format only applies to imagetype 'disk'; a {kind} image's layers are always extracted"
+            )
+        if self.mtls:
+            for name in ("clientcert", "clientkey"):
+                if not getattr(self, name):
+                    raise RequestError(name, f"{name} is required when mtls is true")
+        else:
+            for name in ("clientcert", "clientkey"):
+                if getattr(self, name):
+                    raise RequestError(name, f"{name} is only used with mtls: true")
+
+    @property
+    def is_container_image(self) -> bool:
+        return self.imagetype in CONTAINER_IMAGE_TYPES
+
+    @property
+    def image_src(self) -> str:
+        """What kubeos.os.slot_write gets as ``src``: the image URL, or ``oci://`` and the container image."""
+        return f"oci://{self.containerimage}" if self.is_container_image else self.imageurl
 
     @property
     def sha256(self) -> str:
@@ -184,13 +246,93 @@ class MarkGoodRequest(_Request):
     operation: Literal["mark_good"]
 
 
-Request = Union[PrepareUpgradeRequest, UpgradeRequest, RollbackRequest, MarkGoodRequest]
+SYSCONFIG_MODELS = (
+    "kernel.sysctl",
+    "kernel.sysctl.persist",
+    "grub.cmdline.current",
+    "grub.cmdline.next",
+    "kubernetes.kubelet",
+    "container.containerd",
+    "pam.limits",
+)
+SysconfigModel = Literal[
+    "kernel.sysctl",
+    "kernel.sysctl.persist",
+    "grub.cmdline.current",
+    "grub.cmdline.next",
+    "kubernetes.kubelet",
+    "container.containerd",
+    "pam.limits",
+]
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ConfigContent(_Part):
+    """``{key, value, operation}`` of a KubeOS config entry; ``value`` is any JSON value."""
+
+    key: str = Field(min_length=1, max_length=4096)
+    value: Any = None
+    # KubeOS: empty (or null) adds or updates; its examples also write "add" and "update".
+    operation: Literal["", "add", "update", "delete"] | None = ""
+
+
+class SysConfig(_Part):
+    """One KubeOS config entry: ``{model, configpath, contents}``."""
+
+    model: SysconfigModel
+    configpath: str | None = Field(default="", max_length=4096)
+    contents: list[ConfigContent] | None = Field(default_factory=list, max_length=1000)
+
+
+class ConfigureRequest(_Request):
+    """Apply KubeOS configuration (an OS object's ``sysconfigs``: ``version`` and ``configs``) with
+    kubeos.os.sysconfig; all or nothing. kubeos additions: ``dry_run`` and the service actions."""
+
+    operation: Literal["configure"]
+    version: str = Field(default="", max_length=256)
+    configs: list[SysConfig] = Field(default_factory=list, max_length=100)
+    dry_run: bool = False
+    reload_sysctl: bool = False
+    restart_kubelet: bool = False
+    restart_containerd: bool = False
+
+    def check(self) -> None:
+        """What the module would refuse too, answered with 400 before anything runs."""
+        for index, entry in enumerate(self.configs):
+            path = entry.configpath or ""
+            where = f"configs.{index}.configpath"
+            if path and not path.startswith("/"):
+                raise RequestError(where, f"configpath {path!r} must be an absolute path")
+            if path and any(part in (".", "..") for part in path.split("/")):
+                raise RequestError(where, f"configpath {path!r} must not contain '.' or '..' parts")
+            if path and entry.model in ("kernel.sysctl", "grub.cmdline.current", "grub.cmdline.next"):
+                raise RequestError(where, f"{entry.model} has no configpath; remove it")
+
+    def configs_document(self) -> list[dict[str, Any]]:
+        """The configs as KubeOS writes them, for the collection."""
+        return [
+            {
+                "model": entry.model,
+                "configpath": entry.configpath or "",
+                "contents": [
+                    {"key": c.key, "value": c.value, "operation": c.operation or ""} for c in entry.contents or []
+                ],
+            }
+            for entry in self.configs
+        ]
+
+
+Request = Union[PrepareUpgradeRequest, UpgradeRequest, RollbackRequest, MarkGoodRequest, ConfigureRequest]
 
 _MODELS: dict[str, type[_Request]] = {
     "prepare_upgrade": PrepareUpgradeRequest,
     "upgrade": UpgradeRequest,
     "rollback": RollbackRequest,
     "mark_good": MarkGoodRequest,
+    "configure": ConfigureRequest,
 }
 
 
@@ -222,11 +364,6 @@ def parse_request(body: bytes) -> Request:
         raise RequestError("operation", "field required: one of " + ", ".join(_MODELS))
     if not isinstance(kind, str):
         raise RequestError("operation", "must be a string: one of " + ", ".join(_MODELS))
-    if kind == "configure":
-        raise RequestError(
-            "operation",
-            "configure needs kubeos.os.sysconfig, which this agent's collection does not have yet",
-        )
     model = _MODELS.get(kind)
     if model is None:
         raise RequestError("operation", f"unknown operation {kind!r}: use one of {', '.join(_MODELS)}")
@@ -235,7 +372,7 @@ def parse_request(body: bytes) -> Request:
     except ValidationError as exc:
         err = exc.errors()[0]
         raise RequestError(_field_of(tuple(err["loc"])), _message(err)) from exc
-    if isinstance(request, PrepareUpgradeRequest):
+    if isinstance(request, (PrepareUpgradeRequest, ConfigureRequest)):
         request.check()
     return request  # type: ignore[return-value]
 

@@ -9,6 +9,7 @@ started and finished) and, while ``slot_write`` streams, the progress file it re
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -24,6 +25,7 @@ from . import certs, reboot, slotstate
 from .config import AgentConfig
 from .journal import Journal
 from .models import (
+    ConfigureRequest,
     MarkGoodRequest,
     Operation,
     OperationKind,
@@ -44,7 +46,10 @@ PLAYBOOKS = {
     OperationKind.UPGRADE: "kubeos.os.upgrade",
     OperationKind.ROLLBACK: "kubeos.os.rollback",
     OperationKind.MARK_GOOD: "kubeos.os.mark_good",
+    OperationKind.CONFIGURE: "kubeos.os.configure",
 }
+# The tree that configure changes: "/" on a node; tests and image builds point it elsewhere.
+CONFIGURE_ROOT_ENV = "KUBEOS_AGENT_CONFIGURE_ROOT"
 # Phases in which cancelling makes no sense any more (the reboot was asked for) or is not offered.
 _NOT_CANCELLABLE_PHASES = ("rebooting",)
 PROGRESS_POLL = 0.2
@@ -186,6 +191,11 @@ class OperationManager:
 
             def work(op: Operation) -> None:
                 self._mark_good(op)
+
+        elif isinstance(request, ConfigureRequest):
+
+            def work(op: Operation) -> None:
+                self._configure(op, request)
 
         else:  # pragma: no cover - parse_request only returns the types above
             raise TypeError(f"unknown request {request!r}")
@@ -453,7 +463,9 @@ class OperationManager:
         progress_file = self.config.runtime_dir / f"progress-{op.id}.json"
         extravars: dict[str, Any] = {
             **self.disk_vars("kubeos_upgrade"),
-            "kubeos_upgrade_image_src": request.imageurl,
+            # imagetype docker/containerd: oci://<containerimage>, pulled from the registry by digest (the
+            # checksum); cacert and the mtls client certificate apply to the registry connection.
+            "kubeos_upgrade_image_src": request.image_src,
             "kubeos_upgrade_image_sha256": request.sha256,
             "kubeos_upgrade_image_format": request.format,
             "kubeos_upgrade_ca_cert": str(paths.get("cacert", "")),
@@ -468,6 +480,9 @@ class OperationManager:
         result = {
             key: res.get(key) for key in ("slot", "device", "bytes_written", "seconds", "sha256", "version", "message")
         }
+        if request.is_container_image:
+            result["image"] = res.get("image")
+            result["layers"] = res.get("layers")
         result["changed"] = bool(res.get("changed"))
         if request.version:
             written = str(res.get("version") or "")
@@ -539,6 +554,44 @@ class OperationManager:
         with self._lock:
             op.result = {"slot": slot, "changed": bool(res.get("changed")), "message": res.get("message")}
         self.settle_upgrade(slot, Outcome.COMMITTED, f"slot {slot} committed by mark_good ({op.id})")
+
+    def _configure(self, op: Operation, request: ConfigureRequest) -> None:
+        configs = request.configs_document()
+        extravars: dict[str, Any] = {
+            **self.disk_vars("kubeos_configure"),
+            # As base64 JSON: Ansible would evaluate "{{ }}" in values passed as plain extra vars.
+            "kubeos_configure_configs_b64": base64.b64encode(json.dumps(configs).encode("utf-8")).decode("ascii"),
+            "kubeos_configure_root": os.environ.get(CONFIGURE_ROOT_ENV) or "/",
+            "kubeos_configure_reload_sysctl": request.reload_sysctl,
+            "kubeos_configure_restart_kubelet": request.restart_kubelet,
+            "kubeos_configure_restart_containerd": request.restart_containerd,
+            "kubeos_configure_check": request.dry_run,
+        }
+        results = self.run_playbook(op, OperationKind.CONFIGURE, extravars)
+        res = results.get("kubeos.os.sysconfig", {})
+        applied = res.get("results") or []
+        changed = [
+            f"{entry.get('model')} {item.get('key')}"
+            for entry in applied
+            for item in entry.get("contents") or []
+            if item.get("changed")
+        ]
+        with self._lock:
+            # What was applied and what it replaced (each content's before/after): the journal keeps it.
+            op.result = {
+                "version": request.version,
+                "dry_run": request.dry_run,
+                "changed": bool(res.get("changed")),
+                "applied": applied,
+                "changed_targets": res.get("changed_targets") or [],
+                "actions": res.get("actions") or [],
+                "message": (
+                    ("would change " if request.dry_run else "changed ") + ", ".join(changed)
+                    if changed
+                    else "nothing to change"
+                ),
+            }
+            op.progress.phase = "done"
 
     def settle_upgrade(self, slot: str, outcome: Outcome, detail: str) -> Operation | None:
         """Record how the last upgrade (still waiting for its reboot) ended, if it was about ``slot``."""

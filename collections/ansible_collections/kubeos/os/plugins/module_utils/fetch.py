@@ -20,7 +20,7 @@ import stat
 import urllib.parse
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Optional, Union
+from typing import Mapping, Optional, Union
 
 MAX_REDIRECTS = 5
 USER_AGENT = "kubeos-slot-write/1"
@@ -217,7 +217,8 @@ def _file_path(url: str, parsed: urllib.parse.SplitResult) -> str:
     return path
 
 
-def _ssl_context(opts: SourceOptions, url: str) -> ssl.SSLContext:
+def ssl_context(opts: SourceOptions, url: str) -> ssl.SSLContext:
+    """The TLS context for ``opts``: its CA (or the system's), hostname checks, its client certificate."""
     try:
         ctx = ssl.create_default_context(purpose=ssl.Purpose.SERVER_AUTH, cafile=opts.ca_cert)
     except (OSError, ssl.SSLError) as exc:
@@ -251,45 +252,11 @@ def _open_http(opts: SourceOptions, url: str) -> ImageSource:
             )
         if scheme not in ("http", "https"):
             raise SourceError(f"{opts.url} redirected to the unsupported URL {url!r}")
-        host = parsed.hostname
-        if not host:
-            raise SourceError(f"image URL {url!r} has no host name")
-        try:
-            port = parsed.port
-        except ValueError as exc:
-            raise SourceError(f"image URL {url!r} has an invalid port") from exc
         if parsed.username is not None:
             raise SourceError(f"image URL {_redact(url)!r} carries credentials; use mTLS client certificates instead")
-        target = urllib.parse.urlunsplit(("", "", parsed.path or "/", parsed.query, ""))
-        conn: http.client.HTTPConnection
-        if scheme == "https":
-            if ctx is None:
-                ctx = _ssl_context(opts, url)
-            conn = http.client.HTTPSConnection(host, port, timeout=opts.timeout, context=ctx)
-        else:
-            conn = http.client.HTTPConnection(host, port, timeout=opts.timeout)
-        try:
-            conn.putrequest("GET", target, skip_accept_encoding=True)
-            conn.putheader("User-Agent", USER_AGENT)
-            conn.putheader("Accept-Encoding", "identity")
-            conn.endheaders()
-            response = conn.getresponse()
-        except ssl.SSLCertVerificationError as exc:
-            conn.close()
-            raise SourceError(
-                f"cannot download {url}: the server certificate was not accepted "
-                f"({exc.verify_message or _ssl_reason(exc)}); give the CA that signed it as the CA "
-                "certificate, and use the host name the certificate was issued for"
-            ) from exc
-        except ssl.SSLError as exc:
-            conn.close()
-            raise SourceError(
-                f"cannot download {url}: TLS handshake failed ({_ssl_reason(exc)}); " + _tls_hint(opts)
-            ) from exc
-        except (OSError, http.client.HTTPException) as exc:
-            conn.close()
-            raise SourceError(f"cannot download {url}: {_os_reason(exc)}" + _conn_hint(exc, opts)) from exc
-
+        if scheme == "https" and ctx is None:
+            ctx = ssl_context(opts, url)
+        conn, response = send_request(opts, url, ctx)
         status = response.status
         if status in (301, 302, 303, 307, 308):
             location = response.getheader("Location")
@@ -306,6 +273,59 @@ def _open_http(opts: SourceOptions, url: str) -> ImageSource:
             raise SourceError(f"cannot download {url}: the server answered {status} {reason}{_status_hint(status)}")
         return HttpSource(url, conn, response)
     raise SourceError(f"{opts.url} redirected more than {MAX_REDIRECTS} times; give the final URL")
+
+
+def send_request(
+    opts: SourceOptions,
+    url: str,
+    ctx: ssl.SSLContext | None,
+    headers: Mapping[str, str] | None = None,
+) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    """Send one GET for ``url`` and read the response head; the caller reads the body and closes both.
+
+    ``ctx`` (from :func:`ssl_context`) is used for ``https://``.  No redirect is followed and the status is
+    not checked.  Connection and TLS failures become a :class:`SourceError` that says what to do.
+    """
+    parsed = urllib.parse.urlsplit(url)
+    host = parsed.hostname
+    if not host:
+        raise SourceError(f"image URL {url!r} has no host name")
+    try:
+        port = parsed.port
+    except ValueError as exc:
+        raise SourceError(f"image URL {url!r} has an invalid port") from exc
+    target = urllib.parse.urlunsplit(("", "", parsed.path or "/", parsed.query, ""))
+    conn: http.client.HTTPConnection
+    if parsed.scheme.lower() == "https":
+        if ctx is None:
+            ctx = ssl_context(opts, url)
+        conn = http.client.HTTPSConnection(host, port, timeout=opts.timeout, context=ctx)
+    else:
+        conn = http.client.HTTPConnection(host, port, timeout=opts.timeout)
+    try:
+        conn.putrequest("GET", target, skip_accept_encoding=True)
+        conn.putheader("User-Agent", USER_AGENT)
+        conn.putheader("Accept-Encoding", "identity")
+        for name, value in (headers or {}).items():
+            conn.putheader(name, value)
+        conn.endheaders()
+        response = conn.getresponse()
+    except ssl.SSLCertVerificationError as exc:
+        conn.close()
+        raise SourceError(
+            f"cannot download {url}: the server certificate was not accepted "
+            f"({exc.verify_message or _ssl_reason(exc)}); give the CA that signed it as the CA "
+            "certificate, and use the host name the certificate was issued for"
+        ) from exc
+    except ssl.SSLError as exc:
+        conn.close()
+        raise SourceError(
+            f"cannot download {url}: TLS handshake failed ({_ssl_reason(exc)}); " + _tls_hint(opts)
+        ) from exc
+    except (OSError, http.client.HTTPException) as exc:
+        conn.close()
+        raise SourceError(f"cannot download {url}: {_os_reason(exc)}" + _conn_hint(exc, opts)) from exc
+    return conn, response
 
 
 def _redact(url: str) -> str:

@@ -6,12 +6,16 @@ Order of events, and why:
 
 1. Read the disk; refuse the running slot and the committed fallback slot.
 2. Open the source (TLS, client certificate, HTTP status) *before* touching the disk, so a
-   bad URL or certificate changes nothing.
+   bad URL or certificate changes nothing. For an ``oci://`` image that means resolving the
+   reference and verifying the manifest against the expected digest (``oci``), and opening the
+   first layer.
 3. Mark the slot not bootable (and cancel a trial of it) in the GRUB environment, fsynced,
    before the first byte: an interruption from here on leaves a slot GRUB will not boot.
-4. Stream the image in, hashing while writing (``imagewrite``).
-5. Only when the sha256 matched: give the filesystem the slot's label and mark the slot
-   bootable, recording the image's digest so that writing the same image again is a no-op.
+4. Stream the image in, hashing while writing (``imagewrite``); for an ``oci://`` image, format
+   the slot and extract its layers in order, each hashed while it streams, with the OCI whiteouts.
+5. Only when the sha256 matched (every layer's, for an image): give the filesystem the slot's
+   label and mark the slot bootable, recording the image's digest so that writing the same image
+   again is a no-op.
 """
 
 from __future__ import annotations
@@ -25,11 +29,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ansible_collections.kubeos.os.plugins.module_utils import blockdev, fetch, imagewrite, layout, slots
+from ansible_collections.kubeos.os.plugins.module_utils import blockdev, fetch, imagewrite, layout, oci, slots
 
 FORMAT_RAW = "raw"
 FORMAT_TAR = "tar"
+# What the caller can choose for a URL source; an oci:// source is always a layered image.
 FORMATS = (FORMAT_RAW, FORMAT_TAR)
+FORMAT_OCI = "oci"
 
 
 def image_var(slot: str) -> str:
@@ -42,12 +48,43 @@ def bootable_var(slot: str) -> str:
 
 @dataclass
 class WriteRequest:
+    """What to write. ``format`` None means raw for a URL and the layered image for ``oci://``.
+
+    For ``oci://`` sources ``sha256`` is the image digest (of the index or manifest the reference names);
+    ``registry_username``/``registry_password`` answer the registry's (or its token service's) challenge
+    and ``platform`` (``os/arch[/variant]``, default this host's) picks the image from an index.
+    """
+
     source: fetch.SourceOptions
     sha256: str
-    format: str = FORMAT_RAW
+    format: str | None = None
     slot: str | None = None
     force: bool = False
     progress_file: str | None = None
+    registry_username: str | None = None
+    registry_password: str | None = None
+    platform: str | None = None
+
+    @property
+    def is_oci(self) -> bool:
+        return oci.is_oci_url(self.source.url)
+
+    def resolved_format(self) -> str:
+        if self.is_oci:
+            if self.format not in (None, FORMAT_OCI):
+                raise slots.SlotError(
+                    f"format {self.format!r} does not apply to an oci:// image: its layers are always extracted "
+                    "into a freshly formatted slot; leave format out"
+                )
+            return FORMAT_OCI
+        if self.registry_username is not None or self.registry_password is not None or self.platform:
+            raise slots.SlotError(
+                "registry_username, registry_password and platform only apply to an oci:// source; leave them out"
+            )
+        fmt = self.format or FORMAT_RAW
+        if fmt not in FORMATS:
+            raise slots.SlotError(f"unknown format {fmt!r}: use raw (a filesystem image) or tar (a root filesystem)")
+        return fmt
 
 
 @dataclass
@@ -60,9 +97,12 @@ class WriteOutcome:
     sha256: str = ""
     version: str = ""
     message: str = ""
+    # oci:// only: the image by digest, and how many layers it has.
+    image: str | None = None
+    layers: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "slot": self.slot,
             "device": self.device,
             "bytes_written": self.bytes_written,
@@ -71,6 +111,10 @@ class WriteOutcome:
             "version": self.version,
             "message": self.message,
         }
+        if self.image is not None:
+            data["image"] = self.image
+            data["layers"] = self.layers
+        return data
 
 
 class ProgressFile:
@@ -126,11 +170,10 @@ def write_slot(
     check_mode: bool = False,
     should_cancel: Callable[[], bool] | None = None,
 ) -> WriteOutcome:
-    if request.format not in FORMATS:
-        raise slots.SlotError(
-            f"unknown format {request.format!r}: use raw (a filesystem image) or tar (a root filesystem)"
-        )
+    fmt = request.resolved_format()
     expected = imagewrite.normalize_sha256(request.sha256)
+    # An image reference is checked (syntax, a pinned digest against sha256) before anything else.
+    pull = _image_pull(request, expected) if fmt == FORMAT_OCI else None
     state = slots.read_state(disk, running_root)
     if state.layout.kind != slots.LAYOUT_KUBEOS:
         raise slots.SlotError(
@@ -147,21 +190,25 @@ def write_slot(
             sha256=expected,
             version=state.slots[wanted].content.version,
             message=f"slot {wanted} already holds the image {expected}",
+            image=pull.pinned if pull is not None else None,
         )
     target = choose_slot(state, wanted)
     part = state.slots[target].part
     outcome = WriteOutcome(slot=target, device=part.node, changed=False, sha256=expected)
     progress = ProgressFile(request.progress_file, target)
     progress.report("connecting", force=True)
-    with fetch.open_source(request.source) as source:
-        if source.length is not None and request.format == FORMAT_RAW and source.length > part.size:
+    with pull if pull is not None else fetch.open_source(request.source) as source:
+        if isinstance(source, oci.ImagePull) and source.image is not None:
+            outcome.image = source.image.pinned
+            outcome.layers = len(source.image.layers)
+        if source.length is not None and fmt == FORMAT_RAW and source.length > part.size:
             raise imagewrite.WriteError(
                 f"the image is {source.length} bytes but slot {target} ({part.node}) holds only {part.size} bytes; "
                 "nothing was written: use a smaller image or lay the disk out with a bigger root_size"
             )
         outcome.changed = True
         if check_mode:
-            outcome.message = f"slot {target} would be written from {source.url}"
+            outcome.message = f"slot {target} would be written from {outcome.image or source.url}"
             return outcome
         env = slots.BootEnv(state.layout)
         unset_trial = {"kubeos_trial": None, "kubeos_tries": None} if state.grub.trial == target else {}
@@ -170,7 +217,9 @@ def write_slot(
         def report(done: int, total: int | None) -> None:
             progress.report("writing", done, total)
 
-        if request.format == FORMAT_RAW:
+        if isinstance(source, oci.ImagePull):
+            result = _write_oci(source, part, target, report, should_cancel)
+        elif fmt == FORMAT_RAW:
             result = _write_raw(source, part, expected, report, should_cancel)
         else:
             result = _write_tar(source, part, target, expected, report, should_cancel)
@@ -186,6 +235,19 @@ def write_slot(
         f" ({content.pretty_name})" if content.pretty_name else ""
     )
     return outcome
+
+
+def _image_pull(request: WriteRequest, expected: str) -> oci.ImagePull:
+    """The pull of an oci:// image; entering it (``with``) resolves and verifies it against ``expected``."""
+    return oci.ImagePull(
+        oci.PullOptions(
+            source=request.source,
+            digest=expected,
+            username=request.registry_username,
+            password=request.registry_password,
+            platform=request.platform,
+        )
+    )
 
 
 def _write_raw(
@@ -217,6 +279,19 @@ def _write_tar(
     blockdev.run(["mkfs.ext4", "-q", "-F", "-L", slots.SLOT_NAMES[slot], "-O", layout.EXT4_FEATURES, part.node])
     with blockdev.mounted(part.node, readonly=False) as root:
         return imagewrite.extract_tar(source, root, expected, progress=report, should_cancel=should_cancel)
+
+
+def _write_oci(
+    pull: oci.ImagePull,
+    part: blockdev.Partition,
+    slot: str,
+    report: imagewrite.ProgressCallback,
+    should_cancel: Callable[[], bool] | None,
+) -> imagewrite.WriteResult:
+    blockdev.run(["wipefs", "--all", "--force", part.node])
+    blockdev.run(["mkfs.ext4", "-q", "-F", "-L", slots.SLOT_NAMES[slot], "-O", layout.EXT4_FEATURES, part.node])
+    with blockdev.mounted(part.node, readonly=False) as root:
+        return oci.apply_layers(pull, root, progress=report, should_cancel=should_cancel)
 
 
 def _relabel(node: str, label: str) -> None:

@@ -21,12 +21,23 @@ description:
   - V(raw) writes a filesystem image block-wise into the partition; V(tar) formats the slot (ext4) and extracts a
     root filesystem archive (plain, gzip, bzip2, xz or zstd) with GNU tar, keeping ownership, modes, xattrs, ACLs,
     hard links, symlinks and device nodes.
+  - An V(oci://) source is a container image whose root filesystem is the OS (KubeOS's C(imagetype) C(docker) or
+    C(containerd)). It is pulled straight from the registry over HTTPS, without a container daemon; the
+    reference must resolve to the digest given as O(sha256) (a digest in the reference must be the same one),
+    the entry of O(platform) is taken from an image index, and nothing is written unless all of that matched.
+    The slot is then formatted (ext4) and the layers are extracted in order with GNU tar, each one hashed while
+    it streams (a layer whose sha256 differs from its digest fails the write and leaves the slot not bootable),
+    with the OCI whiteouts applied (C(.wh.NAME) removes NAME, C(.wh..wh..opq) empties a directory) inside the
+    slot only.
+  - Registry authentication follows the registry's challenge, C(Bearer) (token service, anonymous or with
+    O(registry_username)/O(registry_password)) or C(Basic); O(ca_cert), O(client_cert) and O(client_key) apply
+    to the registry, its token service and blob redirects.
   - Writing the image the slot already holds (same sha256, still marked bootable) changes nothing unless
     O(force=true).
 author:
   - kubeos contributors (@kubeos)
 requirements:
-  - util-linux, e2fsprogs, GNU tar (for O(format=tar))
+  - util-linux, e2fsprogs, GNU tar (for O(format=tar) and V(oci://) images; zstd for zstd-compressed layers)
 options:
   device:
     description: The disk or disk image file. Default is the disk holding the running root.
@@ -41,30 +52,59 @@ options:
   src:
     description:
       - Where the image is. V(file:///path), V(https://…), or V(http://…) only with O(allow_insecure_http=true).
+      - Or V(oci://) followed by a container image reference as Docker, Podman and KubeOS write it,
+        V(oci://registry.example.com:5000/kubeos/os@sha256:…), V(oci://registry.example.com/kubeos/os:v2) or
+        V(oci://registry.example.com/kubeos/os) (tag V(latest)). A first component without C(.) or C(:) (and not
+        C(localhost)) means Docker Hub. The registry is always reached over HTTPS.
     type: str
     required: true
   sha256:
-    description: The expected sha256 of the image (64 hex digits, optionally prefixed with V(sha256:)).
+    description:
+      - The expected sha256 of the image (64 hex digits, optionally prefixed with V(sha256:)).
+      - For an V(oci://) image, the image digest (KubeOS's C(checksum)) - the digest of what the reference names,
+        an image index or a manifest, as C(docker buildx imagetools inspect), C(crane digest) or
+        C(skopeo inspect) show it. A tag must still point at it, or nothing is written.
     type: str
     required: true
   format:
-    description: V(raw) for a filesystem image, V(tar) for a root filesystem archive.
+    description:
+      - V(raw) for a filesystem image, V(tar) for a root filesystem archive. Default V(raw).
+      - Not used with an V(oci://) source, whose layers are always extracted into a freshly formatted slot;
+        giving it there is an error.
     type: str
     choices: [raw, tar]
-    default: raw
   ca_cert:
-    description: PEM file of the certificate authority to trust for V(https://) instead of the system's.
+    description:
+      - PEM file of the certificate authority to trust for V(https://) instead of the system's.
+      - For V(oci://), the CA of the registry (and of its token service and blob redirects).
     type: path
   client_cert:
-    description: PEM client certificate for mutual TLS.
+    description: PEM client certificate for mutual TLS (with an V(oci://) source, presented to the registry too).
     type: path
   client_key:
     description: PEM private key of O(client_cert) (when not in the same file).
     type: path
   allow_insecure_http:
-    description: Allow plain V(http://) sources (KubeOS's C(flagSafe)). The sha256 still has to match.
+    description:
+      - Allow plain V(http://) sources (KubeOS's C(flagSafe)). The sha256 still has to match.
+      - With V(oci://), it only allows a plain V(http://) token service or blob redirect, never with credentials;
+        the registry itself is always reached over HTTPS.
     type: bool
     default: false
+  registry_username:
+    description:
+      - User name for the registry of an V(oci://) source, sent (over HTTPS only) when the registry or its token
+        service asks for it. Without it, pulls are anonymous.
+    type: str
+  registry_password:
+    description: Password or access token of O(registry_username).
+    type: str
+  platform:
+    description:
+      - The platform to take from an image index or manifest list of an V(oci://) source, as C(os/architecture)
+        or C(os/architecture/variant). Default is this host's (V(linux/amd64) on x86-64).
+      - A single-platform image for another platform is refused.
+    type: str
   timeout:
     description: Seconds to wait for the server to connect or send data.
     type: float
@@ -94,6 +134,21 @@ EXAMPLES = r"""
     client_cert: /etc/KubeOS/certs/client.crt
     client_key: /etc/KubeOS/certs/client.key
 
+- name: Write the OS image v2 from a registry, by digest, with mutual TLS (KubeOS imagetype containerd)
+  kubeos.os.slot_write:
+    src: oci://registry.example.com:5000/kubeos/os@sha256:6c3c624b58dbbcd3c0dd82b4c53f04194d1247c6eebdaab7c610cf7d66709b3b
+    sha256: 6c3c624b58dbbcd3c0dd82b4c53f04194d1247c6eebdaab7c610cf7d66709b3b
+    ca_cert: /etc/KubeOS/certs/ca.crt
+    client_cert: /etc/KubeOS/certs/client.crt
+    client_key: /etc/KubeOS/certs/client.key
+
+- name: Write the image a tag names, only if the tag still points at the expected digest
+  kubeos.os.slot_write:
+    src: oci://registry.example.com/kubeos/os:v2
+    sha256: sha256:6c3c624b58dbbcd3c0dd82b4c53f04194d1247c6eebdaab7c610cf7d66709b3b
+    registry_username: puller
+    registry_password: "{{ vault_registry_token }}"
+
 - name: Put a root filesystem archive into slot B of a disk image
   kubeos.os.slot_write:
     device: /var/tmp/node.img
@@ -115,7 +170,7 @@ device:
   type: str
   sample: /dev/vda4
 bytes_written:
-  description: Bytes streamed into the slot (the archive size for O(format=tar)).
+  description: Bytes streamed into the slot (the archive size for O(format=tar), the sum of the layer sizes for V(oci://)).
   returned: success
   type: int
 seconds:
@@ -123,9 +178,19 @@ seconds:
   returned: success
   type: float
 sha256:
-  description: The verified sha256 of the image.
+  description: The verified sha256 of the image (for V(oci://), the image digest without V(sha256:)).
   returned: success
   type: str
+image:
+  description: The V(oci://) image by digest, C(registry/repository@sha256:…).
+  returned: success, with an V(oci://) source
+  type: str
+  sample: registry.example.com:5000/kubeos/os@sha256:6c3c624b58dbbcd3c0dd82b4c53f04194d1247c6eebdaab7c610cf7d66709b3b
+layers:
+  description: How many layers the V(oci://) image has (null when nothing was written because the slot already held it).
+  returned: success, with an V(oci://) source
+  type: int
+  sample: 2
 version:
   description: VERSION_ID (or VERSION) of the os-release in the written slot.
   returned: success
@@ -156,7 +221,7 @@ def main() -> None:
             slot=dict(type="str", choices=list(slots.SLOTS)),
             src=dict(type="str", required=True),
             sha256=dict(type="str", required=True),
-            format=dict(type="str", default="raw", choices=list(slotwrite.FORMATS)),
+            format=dict(type="str", choices=list(slotwrite.FORMATS)),
             ca_cert=dict(type="path"),
             client_cert=dict(type="path"),
             client_key=dict(type="path"),
@@ -164,7 +229,11 @@ def main() -> None:
             timeout=dict(type="float", default=60.0),
             force=dict(type="bool", default=False),
             progress_file=dict(type="path"),
+            registry_username=dict(type="str"),
+            registry_password=dict(type="str", no_log=True),
+            platform=dict(type="str"),
         ),
+        required_together=[("registry_username", "registry_password")],
         supports_check_mode=True,
     )
     params = module.params
@@ -182,6 +251,9 @@ def main() -> None:
         slot=params["slot"],
         force=params["force"],
         progress_file=params["progress_file"],
+        registry_username=params["registry_username"],
+        registry_password=params["registry_password"],
+        platform=params["platform"],
     )
     try:
         with slots.open_disk(params["device"], params["running_root"]) as disk:
