@@ -1,7 +1,7 @@
 """``kubeosctl``: the local admin CLI over the agent's socket, for hosts without a cluster.
 
     kubeosctl status
-    kubeosctl upgrade --image URL --sha256 HEX [--version V] [--cacert NAME] [--clientcert NAME --clientkey NAME]
+    kubeosctl upgrade --image URL|oci://REF --sha256 HEX [--version V] [--cacert NAME] [--clientcert NAME --clientkey NAME]
                       [--insecure-http] [--format raw|tar] [--tries N] [--no-reboot] [--prepare-only]
     kubeosctl rollback [--no-reboot]
     kubeosctl mark-good
@@ -217,14 +217,19 @@ def _image_url(image: str) -> str:
     return "file://" + os.path.abspath(image)
 
 
+def image_fields(image: str, sha256: str, image_format: str | None, insecure_http: bool) -> dict[str, Any]:
+    """prepare_upgrade's image fields for ``--image``: a URL or path, or ``oci://`` for a container image."""
+    if image.startswith("oci://"):
+        # KubeOS's imagetype containerd: the root filesystem of a container image, pulled by digest.
+        fields: dict[str, Any] = {"imagetype": "containerd", "containerimage": image[len("oci://") :]}
+    else:
+        fields = {"imagetype": "disk", "imageurl": _image_url(image), "format": image_format or "raw"}
+    fields.update(checksum=sha256, flagSafe=insecure_http)
+    return fields
+
+
 def cmd_upgrade(client: AgentClient, args: argparse.Namespace) -> int:
-    fields: dict[str, Any] = {
-        "imageurl": _image_url(args.image),
-        "checksum": args.sha256,
-        "imagetype": "disk",
-        "format": args.format,
-        "flagSafe": args.insecure_http,
-    }
+    fields = image_fields(args.image, args.sha256, args.format, args.insecure_http)
     if args.version:
         fields["version"] = args.version
     if args.cacert:
@@ -373,14 +378,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("status", help="slots, versions, GRUB state, current operation").set_defaults(func=cmd_status)
 
     up = sub.add_parser("upgrade", help="write an image into the inactive slot, arm a trial boot, reboot")
-    up.add_argument("--image", required=True, help="https://…, http://… (with --insecure-http), file:///… or a path")
+    up.add_argument(
+        "--image",
+        required=True,
+        help="https://…, http://… (with --insecure-http), file:///…, a path, or oci://registry/repo@sha256:… "
+        "(a container image whose root filesystem is the OS; --sha256 is then the image digest)",
+    )
     up.add_argument("--sha256", required=True, help="sha256 of the image")
     up.add_argument("--version", default="", help="the version the image holds (checked after writing)")
     up.add_argument("--cacert", default="", help="CA certificate, a file name in the agent's certificate directory")
     up.add_argument("--clientcert", default="", help="client certificate for mutual TLS (in the certificate dir)")
     up.add_argument("--clientkey", default="", help="client key for mutual TLS (in the certificate dir)")
     up.add_argument("--insecure-http", action="store_true", help="allow a plain http:// image (KubeOS flagSafe)")
-    up.add_argument("--format", choices=["raw", "tar"], default="raw", help="filesystem image or root fs archive")
+    up.add_argument("--format", choices=["raw", "tar"], help="disk images: raw filesystem image (default) or tar")
     up.add_argument("--tries", type=int, default=0, help="boots the new slot gets before GRUB falls back")
     up.add_argument("--no-reboot", action="store_true", help="arm the trial boot but do not reboot")
     up.add_argument("--prepare-only", action="store_true", help="only write the inactive slot")

@@ -115,3 +115,23 @@ def test_exit_codes(make_node: Callable[..., Node], images: Images, tmp_path: Pa
     assert cancel.returncode == 0 and "canceled" in cancel.stdout
     assert ok.returncode == 0 and "mark_good: done" in ok.stdout
     assert unreachable.returncode == 4 and "no kubeos agent answers" in unreachable.stderr
+
+
+def test_upgrade_image_fields_map_urls_to_disk_images_and_oci_references_to_container_images() -> None:
+    from kubeos_agent.ctl import image_fields
+
+    digest = "a" * 64
+    assert image_fields("https://images.example/v2.ext4", digest, None, False) == {
+        "imagetype": "disk",
+        "imageurl": "https://images.example/v2.ext4",
+        "format": "raw",
+        "checksum": digest,
+        "flagSafe": False,
+    }
+    assert image_fields("oci://registry.example:5000/kubeos/os@sha256:" + digest, digest, None, False) == {
+        "imagetype": "containerd",
+        "containerimage": "registry.example:5000/kubeos/os@sha256:" + digest,
+        "checksum": digest,
+        "flagSafe": False,
+    }
+    assert image_fields("/var/tmp/v2.tar", digest, "tar", False)["imageurl"] == "file:///var/tmp/v2.tar"
