@@ -105,3 +105,9 @@ def kill_slot_write_midway(
         ).stdout.split()
         for loop in loops:
             subprocess.run(["losetup", "--detach", loop], check=False)
+        # The kernel releases a detached loop device in the background: wait until it is gone.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(
+            os.path.exists(f"/sys/block/{Path(loop).name}/loop") for loop in loops
+        ):
+            time.sleep(0.1)

@@ -98,14 +98,28 @@ def sync_kernel_partitions(disk: str) -> None:
     settle()
 
 
-def wait_for_nodes(nodes: Sequence[str], timeout: float = 10.0) -> None:
+def _partition_ready(node: str) -> bool:
+    return is_block_device(node) and os.path.exists(os.path.join("/sys/class/block", os.path.basename(node)))
+
+
+def wait_for_nodes(disk: str, nodes: Sequence[str], timeout: float = 10.0) -> None:
+    """Wait until the kernel has ``disk``'s partitions and their device nodes exist.
+
+    A loop device that was just detached by someone else is torn down by the kernel in the
+    background; its old partitions can vanish after this binding's appeared. Asking the kernel
+    again (partx) while waiting covers that.
+    """
     deadline = time.monotonic() + timeout
-    missing = [n for n in nodes if not is_block_device(n)]
+    next_sync = time.monotonic() + 1.0
+    missing = [n for n in nodes if not _partition_ready(n)]
     while missing and time.monotonic() < deadline:
+        if time.monotonic() >= next_sync:
+            sync_kernel_partitions(disk)
+            next_sync = time.monotonic() + 1.0
         time.sleep(0.05)
-        missing = [n for n in nodes if not is_block_device(n)]
+        missing = [n for n in nodes if not _partition_ready(n)]
     if missing:
-        raise DeviceError(f"partition device nodes did not appear: {', '.join(missing)}")
+        raise DeviceError(f"partition device nodes of {disk} did not appear: {', '.join(missing)}")
 
 
 def loop_attach(path: str) -> str:
@@ -258,7 +272,7 @@ def read_table(disk: str) -> PartitionTable:
         # The kernel's view (sysfs), not /dev: a stale node can outlive its partition for a moment.
         if not all(os.path.exists(os.path.join("/sys/class/block", os.path.basename(p.node))) for p in parts):
             sync_kernel_partitions(disk)
-        wait_for_nodes([p.node for p in parts])
+        wait_for_nodes(disk, [p.node for p in parts])
     for part in parts:
         info = probe(part.node)
         part.fstype = info.get("TYPE", "")
