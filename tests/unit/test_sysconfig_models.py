@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from sysconfig_tree import FakeBootEnv, configure, fingerprint, put, read
 
+from ansible_collections.kubeos.os.plugins.module_utils import atomicfile
 from ansible_collections.kubeos.os.plugins.module_utils.sysconfig import (
-    atomicfile,
     keypath,
     models,
     paths,

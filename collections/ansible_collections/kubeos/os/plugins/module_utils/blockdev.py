@@ -381,14 +381,6 @@ def _is_writable_mount(point: str) -> bool:
     return not os.statvfs(point).f_flag & os.ST_RDONLY
 
 
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # --- vfat contents through mtools (this kernel may not mount vfat) -----------------------------
 
 

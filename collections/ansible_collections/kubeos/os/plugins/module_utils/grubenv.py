@@ -28,12 +28,13 @@ from __future__ import annotations
 __metaclass__ = type
 
 import contextlib
-import errno
 import os
 import re
 import stat
 import tempfile
 from collections.abc import Mapping
+
+from ansible_collections.kubeos.os.plugins.module_utils import atomicfile
 
 GRUBENV_SIZE = 1024
 GRUBENV_HEADER = b"# GRUB Environment Block\n"
@@ -190,18 +191,6 @@ def _existing_size(path: str) -> int:
     return len(data)
 
 
-def _fsync_dir(directory: str) -> None:
-    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
-    fd = os.open(directory, flags)
-    try:
-        os.fsync(fd)
-    except OSError as exc:  # pragma: no cover - some filesystems cannot sync a directory
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
-            raise
-    finally:
-        os.close(fd)
-
-
 def write_atomic(path: str, env: Mapping[str, str], size: int | None = None) -> None:
     """Replace the block at ``path`` with one holding ``env``, atomically.
 
@@ -240,7 +229,7 @@ def write_atomic(path: str, env: Mapping[str, str], size: int | None = None) -> 
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
         raise
-    _fsync_dir(directory)
+    atomicfile.fsync_dir(directory)
 
 
 def update(env: Mapping[str, str], set_vars: Mapping[str, str | None]) -> dict[str, str]:

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 
-from ansible_collections.kubeos.os.plugins.module_utils import biosboot, blockdev, grubcfg, grubenv, slots
+from ansible_collections.kubeos.os.plugins.module_utils import atomicfile, biosboot, blockdev, grubcfg, grubenv, slots
 
 MIB = 1024 * 1024
 GPT_ESP = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
@@ -355,7 +355,7 @@ def apply(spec: LayoutSpec, disk: str, steps: Plan, *, efi_image: bytes) -> bloc
         with blockdev.mounted(boot.node, readonly=False) as root:
             os.makedirs(os.path.join(root, "grub"), exist_ok=True)
             if steps.write_menu:
-                _write_atomic(os.path.join(root, grubcfg.BOOT_CONFIG_PATH), _menu(spec, table).encode())
+                atomicfile.replace(os.path.join(root, grubcfg.BOOT_CONFIG_PATH), _menu(spec, table).encode())
             if steps.write_env:
                 grubenv.write_atomic(os.path.join(root, grubcfg.BOOT_ENV_PATH), initial_env())
     table = blockdev.read_table(disk)
@@ -368,23 +368,6 @@ def apply(spec: LayoutSpec, disk: str, steps: Plan, *, efi_image: bytes) -> bloc
         biosboot.install(disk, _need(table, slots.NAME_BIOS), biosboot.core_image(boot_fs.fsuuid))
     blockdev.run(["sync"])
     return table
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=".kubeos-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.rename(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    blockdev.fsync_dir(directory)
 
 
 def diff_text(before: blockdev.PartitionTable, after: blockdev.PartitionTable | None, steps: Plan) -> dict[str, str]:

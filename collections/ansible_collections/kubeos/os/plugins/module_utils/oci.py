@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
-from ansible_collections.kubeos.os.plugins.module_utils import fetch, imagewrite
+from ansible_collections.kubeos.os.plugins.module_utils import fetch, imagewrite, rootpath
 
 SCHEME = "oci://"
 
@@ -1007,13 +1007,15 @@ class _Merger:
 
     def _merge_through_link(self, src_parent: int, name: str, rel: tuple[str, ...], st: os.stat_result) -> bool:
         """Merge the implicit directory ``rel`` into the directory its symbolic link leads to inside root."""
-        # Deferred import: slots pulls in blockdev and grubenv, which a pull alone does not need.
-        from ansible_collections.kubeos.os.plugins.module_utils.slots import resolve_in_root
-
-        resolved = resolve_in_root(self.root, "/".join(rel))
-        if resolved is None:
+        try:
+            resolved = rootpath.resolve(self.root, "/".join(rel))
+        except rootpath.LinkLoopError:
             return False
-        inside = os.path.relpath(resolved, self.root).split(os.sep)
+        if resolved == "/" or not os.path.lexists(os.path.join(self.root, resolved.lstrip("/"))):
+            return False
+        inside = resolved.lstrip("/").split("/")
+        if inside[0] == self.staging:
+            return False
         if inside[0] in ("..", ".", self.staging):
             return False
         parent_fd = os.dup(self.root_fd)

@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ansible_collections.kubeos.os.plugins.module_utils import blockdev, layout, slots
+from ansible_collections.kubeos.os.plugins.module_utils import atomicfile, blockdev, layout, slots
 
 MANIFEST_VERSION = 1
 MIB = 1024 * 1024
@@ -191,15 +191,6 @@ def build(
         source=os.path.abspath(rootfs),
         source_fingerprint=fingerprint,
     )
-    _write_text(image + ".sha256", f"{digest}  {os.path.basename(image)}\n")
-    _write_text(manifest_path, json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n")
+    atomicfile.replace(image + ".sha256", f"{digest}  {os.path.basename(image)}\n".encode())
+    atomicfile.replace(manifest_path, (json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n").encode())
     return True, manifest, manifest_path
-
-
-def _write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)

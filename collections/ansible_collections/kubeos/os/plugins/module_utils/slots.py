@@ -19,7 +19,7 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
-from ansible_collections.kubeos.os.plugins.module_utils import blockdev, grubenv
+from ansible_collections.kubeos.os.plugins.module_utils import blockdev, grubenv, rootpath
 from ansible_collections.kubeos.os.plugins.module_utils.grubcfg import BOOT_ENV_PATH
 
 SLOTS = ("A", "B")
@@ -200,36 +200,15 @@ class BootEnv:
 # --- what a slot holds ---------------------------------------------------------------------------
 
 
-def resolve_in_root(root: str, path: str, max_links: int = 40) -> str | None:
-    """Resolve ``path`` inside the tree at ``root`` as if ``root`` were ``/``.
-
-    Symbolic links (absolute ones included) are followed within the tree, so a slot's
-    ``/boot/vmlinuz -> vmlinuz-6.1`` or ``/etc/os-release -> ../usr/lib/os-release``
-    resolve to files of that slot, never to files of the host.
-    """
-    parts = [p for p in path.split("/") if p]
-    resolved: list[str] = []
-    links = 0
-    while parts:
-        part = parts.pop(0)
-        if part == ".":
-            continue
-        if part == "..":
-            if resolved:
-                resolved.pop()
-            continue
-        candidate = os.path.join(root, *resolved, part)
-        if os.path.islink(candidate):
-            links += 1
-            if links > max_links:
-                return None
-            target = os.readlink(candidate)
-            if target.startswith("/"):
-                resolved = []
-            parts = [p for p in target.split("/") if p] + parts
-            continue
-        resolved.append(part)
-    full = os.path.join(root, *resolved)
+def resolve_in_root(root: str, path: str) -> str | None:
+    """The host path of ``path`` inside the tree at ``root`` (links followed within it), or None when
+    it does not exist or loops. A slot's ``/boot/vmlinuz -> vmlinuz-6.1`` or ``/etc/os-release ->
+    ../usr/lib/os-release`` resolve to files of that slot, never to files of the host."""
+    try:
+        inside = rootpath.resolve(root, path)
+    except rootpath.LinkLoopError:
+        return None
+    full = os.path.join(root, inside.lstrip("/")) if inside != "/" else root
     return full if os.path.lexists(full) else None
 
 

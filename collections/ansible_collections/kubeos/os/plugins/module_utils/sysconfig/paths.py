@@ -18,6 +18,7 @@ import posixpath
 import stat
 from dataclasses import dataclass
 
+from ansible_collections.kubeos.os.plugins.module_utils import rootpath
 from ansible_collections.kubeos.os.plugins.module_utils.sysconfig import models
 
 MAX_LINKS = 40
@@ -78,29 +79,10 @@ def check_configpath(model: str, configpath: str) -> str:
 def resolve_in_root(root: str, path: str) -> str:
     """``path`` with symbolic links inside the tree at ``root`` resolved; the result is absolute, relative
     to ``root``. Parts that do not exist are kept as they are."""
-    pending = [p for p in path.split("/") if p]
-    resolved: list[str] = []
-    links = 0
-    while pending:
-        part = pending.pop(0)
-        if part == ".":
-            continue
-        if part == "..":
-            if resolved:
-                resolved.pop()
-            continue
-        candidate = os.path.join(root, *resolved, part)
-        if os.path.islink(candidate):
-            links += 1
-            if links > MAX_LINKS:
-                raise PathError(f"too many levels of symbolic links resolving {path!r}")
-            target = os.readlink(candidate)
-            if target.startswith("/"):
-                resolved = []
-            pending = [p for p in target.split("/") if p] + pending
-            continue
-        resolved.append(part)
-    return "/" + "/".join(resolved)
+    try:
+        return rootpath.resolve(root, path, MAX_LINKS)
+    except rootpath.LinkLoopError as exc:
+        raise PathError(str(exc)) from exc
 
 
 def target(root: str, model: str, configpath: str) -> Target:

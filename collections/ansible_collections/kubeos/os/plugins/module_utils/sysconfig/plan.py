@@ -19,9 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ansible_collections.kubeos.os.plugins.module_utils import grubenv
+from ansible_collections.kubeos.os.plugins.module_utils import atomicfile, grubenv
 from ansible_collections.kubeos.os.plugins.module_utils.sysconfig import (
-    atomicfile,
     cmdline,
     containerd,
     kubelet,

@@ -16,8 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ansible_collections.kubeos.os.plugins.module_utils import grubenv
-from ansible_collections.kubeos.os.plugins.module_utils.sysconfig import atomicfile
+from ansible_collections.kubeos.os.plugins.module_utils import atomicfile, grubenv
 
 
 class ApplyError(Exception):

@@ -1,6 +1,6 @@
 # Copyright: kubeos contributors
 # Apache License 2.0 (see LICENSE)
-"""Replacing a configuration file atomically, keeping its owner and mode, and putting it back.
+"""Replacing a file atomically, keeping its owner and mode, and putting it back.
 
 A new version is written to a temporary file in the same directory, flushed to disk, given the old
 file's mode and owner, renamed over the old file, and the directory is flushed: a crash leaves the old
@@ -87,3 +87,8 @@ def restore(snap: Snapshot) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(snap.path)
         fsync_dir(os.path.dirname(snap.path) or ".")
+
+
+def replace(path: str, data: bytes) -> None:
+    """Write ``path`` atomically, keeping the mode and owner of the file it replaces (new files: 0644)."""
+    write(path, data, snapshot(path))
