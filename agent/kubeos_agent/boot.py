@@ -26,6 +26,12 @@ def recover_interrupted(manager: OperationManager) -> list[Operation]:
     """Stop the leftovers of operations that were running when the agent died; journal them interrupted."""
     interrupted: list[Operation] = []
     for op in manager.journal.unfinished():
+        if op.phase == "rebooting":
+            # The playbook had finished and its result was journaled; the reboot it asked for took the agent
+            # down before the operation's end was written. It succeeded; reconcile() reads its outcome.
+            manager.journal.mark_rebooted(op)
+            log.info("operation ended with the reboot it asked for", extra={"fields": {"operation": op.id}})
+            continue
         leftovers = processes.stop(op.id, manager.config.cancel_grace)
         reason = f"the agent (pid {op.agent_pid}) stopped while the operation was {op.phase}"
         if leftovers:

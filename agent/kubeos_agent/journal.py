@@ -135,6 +135,16 @@ class Journal:
                 self._loaded().pop(op.id, None)
             excess -= 1
 
+    def mark_rebooted(self, op: Operation) -> Operation:
+        """An operation that had asked for the reboot when the node went down: it did what it was asked."""
+        op.state = OperationState.SUCCEEDED
+        op.error = None
+        op.phase = "done"
+        op.add_event("reboot", "the node restarted as the operation asked")
+        op.finished = op.finished or time.time()
+        self.write(op)
+        return op
+
     def mark_interrupted(self, op: Operation, reason: str) -> Operation:
         op.state = OperationState.INTERRUPTED
         op.error = reason

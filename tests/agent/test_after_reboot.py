@@ -169,3 +169,29 @@ def test_a_restart_before_the_reboot_leaves_the_armed_trial_alone(
     op = node.client().get(upgrade["id"]).operation
     assert op["outcome"] == "pending-reboot"
     assert node.grubenv()["kubeos_trial"] == "B"
+
+
+def test_an_upgrade_cut_short_by_its_own_reboot_is_recorded_as_succeeded(
+    make_node: Callable[..., Node], daemons: Callable[[Node], DaemonProcess]
+) -> None:
+    """A fast reboot can take the agent down before it writes the operation's end: the journal then shows the
+    upgrade in phase ``rebooting``. That is the reboot the upgrade asked for, not an interruption."""
+    node = make_node("prepared")
+    killer = node.root / "reboot-now.sh"
+    killer.write_text(f'#!/bin/sh\necho "reboot $*" >> {node.reboot_log}\nkill -KILL $PPID\nsleep 5\n')
+    killer.chmod(0o755)
+    node.configure(reboot_command=[str(killer)])
+    daemon = daemons(node)
+    upgrade_id = node.client().start("upgrade").operation["id"]
+    assert daemon.proc is not None
+    daemon.proc.wait(timeout=60)
+    assert node.reboots() == ["reboot "]
+
+    node.running("B")
+    node.configure(health={"deadline": 5, "interval": 0.2})
+    daemons(node)
+    settled = wait_settled(node, upgrade_id)
+    assert settled["state"] == "succeeded" and settled["error"] is None, settled
+    assert settled["outcome"] == "committed", settled
+    assert any(e["message"] == "the node restarted as the operation asked" for e in settled["events"]), settled
+    assert node.grubenv()["kubeos_default"] == "B"
