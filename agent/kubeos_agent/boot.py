@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import logging
 
+from pydantic import ValidationError
+
 from . import health, processes
+from .config import HealthConfig
 from .models import Operation, OperationKind, Outcome
 from .operations import OperationFailed, OperationManager
 
@@ -96,16 +99,32 @@ def reconcile(manager: OperationManager) -> Operation | None:
     return None
 
 
+def _requested_health(upgrade: Operation | None) -> tuple[HealthConfig | None, str]:
+    """The health checks the upgrade request asked for (journaled with it), if any, or why they cannot be used."""
+    data = upgrade.request.get("health") if upgrade is not None else None
+    if not data:
+        return None, ""
+    try:
+        return HealthConfig.model_validate(data), ""
+    except ValidationError as exc:
+        # Validated when the request came in; the new slot's agent may be a version that reads them otherwise.
+        return None, f"the upgrade's own health checks cannot be read by this agent and are skipped: {exc}"
+
+
 def start_verify(manager: OperationManager, *, trial: str, committed: str) -> Operation:
     """Health checks on the trial slot that runs, then commit it or roll back to ``committed`` and reboot."""
     last = manager.journal.last_of(OperationKind.UPGRADE)
     upgrade_id = last.id if last is not None and last.result.get("trial_slot") == trial else None
     config = manager.config
 
+    requested, unreadable = _requested_health(last) if upgrade_id else (None, "")
+
     def verify(op: Operation) -> None:
         manager.set_phase(op, "health-checks")
-        checks = config.health
-        if not (checks.units or checks.commands or checks.http):
+        checks = config.health.merged(requested)
+        if unreadable:
+            manager.note(op, "warning", unreadable)
+        if checks.empty:
             manager.note(op, "warning", "no health checks are configured; the trial slot counts as healthy")
 
         def on_result(result: health.CheckResult) -> None:

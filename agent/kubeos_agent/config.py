@@ -78,6 +78,23 @@ class HealthConfig(_Strict):
             return [{"name": item} if isinstance(item, str) else item for item in value]
         return value
 
+    @property
+    def empty(self) -> bool:
+        return not (self.units or self.commands or self.http)
+
+    def merged(self, extra: HealthConfig | None) -> HealthConfig:
+        """These checks and ``extra``'s (an upgrade request's); ``extra``'s deadline and interval win when set."""
+        if extra is None:
+            return self
+        given = extra.model_fields_set
+        return HealthConfig(
+            deadline=extra.deadline if "deadline" in given else self.deadline,
+            interval=extra.interval if "interval" in given else self.interval,
+            units=[*self.units, *extra.units],
+            commands=[*self.commands, *extra.commands],
+            http=[*self.http, *extra.http],
+        )
+
 
 def _default_playbook_binary() -> Path:
     beside = Path(sys.executable).parent / "ansible-playbook"

@@ -20,6 +20,8 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .config import HealthConfig
+
 SHA256_PATTERN = r"^(sha256:)?[0-9a-fA-F]{64}$"
 CONTAINER_IMAGE_TYPES = ("docker", "containerd")
 # A container image reference as Docker, Podman and KubeOS write it: [registry[:port]/]repository[:tag][@sha256:…].
@@ -231,6 +233,10 @@ class UpgradeRequest(_Request):
     reboot: bool = True
     # When given, the prepared slot must hold this version (VERSION_ID or PRETTY_NAME).
     version: str = Field(default="", max_length=256)
+    # Health checks for this upgrade's trial boot (the OS object's ``healthchecks``), run after the reboot
+    # together with the agent's own; a ``deadline``/``interval`` given here replaces the configured one.
+    # Certificate files of HTTP checks are names inside the certificate directory, like ``mtls``'s.
+    health: HealthConfig | None = None
 
 
 class RollbackRequest(_Request):

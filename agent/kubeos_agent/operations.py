@@ -167,6 +167,7 @@ class OperationManager:
     def submit(self, request: Request) -> Operation:
         """Start the operation ``request`` asks for (RequestError: 400, Busy: 409)."""
         work: Work
+        recorded: Request = request
         if isinstance(request, PrepareUpgradeRequest):
             paths = {
                 name: certs.resolve(self.config.cert_dir, getattr(request, name), name)
@@ -178,9 +179,10 @@ class OperationManager:
                 self._prepare_upgrade(op, request, paths)
 
         elif isinstance(request, UpgradeRequest):
+            recorded = upgrade = self._with_cert_paths(request)
 
             def work(op: Operation) -> None:
-                self._upgrade(op, request)
+                self._upgrade(op, upgrade)
 
         elif isinstance(request, RollbackRequest):
 
@@ -199,7 +201,23 @@ class OperationManager:
 
         else:  # pragma: no cover - parse_request only returns the types above
             raise TypeError(f"unknown request {request!r}")
-        return self.start(OperationKind(request.operation), request.redacted(), work)
+        return self.start(OperationKind(request.operation), recorded.redacted(), work)
+
+    def _with_cert_paths(self, request: UpgradeRequest) -> UpgradeRequest:
+        """The request with its HTTP health checks' certificate names resolved inside the certificate directory
+        (400 for a name outside it), so the journal holds the files the checks will read after the reboot."""
+        if request.health is None or not request.health.http:
+            return request
+        probes = []
+        for i, probe in enumerate(request.health.http):
+            paths = {
+                name: certs.resolve(self.config.cert_dir, str(getattr(probe, name)), f"health.http.{i}.{name}")
+                for name in ("cacert", "clientcert", "clientkey")
+                if getattr(probe, name) is not None
+            }
+            probes.append(probe.model_copy(update=paths))
+        health = request.health.model_copy(update={"http": probes})
+        return request.model_copy(update={"health": health})
 
     def start(self, kind: OperationKind, request: dict[str, Any], work: Work, *, cancellable: bool = True) -> Operation:
         with self._lock:

@@ -31,10 +31,10 @@ def daemons() -> Iterator[Callable[[Node], DaemonProcess]]:
             daemon.stop()
 
 
-def upgrade_and_reboot(node: Node, start: Callable[[Node], DaemonProcess]) -> dict[str, Any]:
+def upgrade_and_reboot(node: Node, start: Callable[[Node], DaemonProcess], **fields: Any) -> dict[str, Any]:
     """Arm the trial of the prepared slot B through the daemon, which then runs the reboot command."""
     daemon = start(node)
-    op = run_op(node, "upgrade")
+    op = run_op(node, "upgrade", **fields)
     assert op["state"] == "succeeded", op
     assert node.reboots() == ["reboot "]
     assert daemon.stop() == 0
@@ -195,3 +195,43 @@ def test_an_upgrade_cut_short_by_its_own_reboot_is_recorded_as_succeeded(
     assert settled["outcome"] == "committed", settled
     assert any(e["message"] == "the node restarted as the operation asked" for e in settled["events"]), settled
     assert node.grubenv()["kubeos_default"] == "B"
+
+
+@pytest.mark.parametrize("healthy", [True, False], ids=["passing", "failing"])
+def test_the_upgrade_requests_own_health_checks_decide_with_the_agents(
+    make_node: Callable[..., Node], daemons: Callable[[Node], DaemonProcess], healthy: bool
+) -> None:
+    """The OS object's healthchecks travel in the upgrade request, are journaled with it, and run after the
+    reboot beside the agent's configured ones (kubelet here); the request's deadline replaces the agent's."""
+    node = make_node("prepared")
+    marker = node.root / "workload-ready"
+    requested = {
+        "deadline": 2,
+        "interval": 0.2,
+        "commands": [{"argv": ["test", "-e", str(marker)], "name": "workload"}],
+    }
+    upgrade = upgrade_and_reboot(node, daemons, health=requested)
+    assert upgrade["request"]["health"]["commands"][0]["name"] == "workload"
+    if healthy:
+        marker.write_text("")
+    node.running("B")
+    node.configure(
+        systemctl_command=fake_systemctl(node.root / "systemctl"),
+        health={"deadline": 60, "interval": 0.2, "units": ["kubelet.service"]},
+    )
+    daemons(node)
+    settled = wait_settled(node, upgrade["id"])
+    verify = verify_op(node)
+
+    checks = {c["name"]: c for c in verify["result"]["checks"]}
+    assert set(checks) == {"unit kubelet.service", "workload"}
+    assert checks["unit kubelet.service"]["ok"] is True
+    assert checks["workload"]["ok"] is healthy
+    if healthy:
+        assert settled["outcome"] == "committed", settled
+        assert node.grubenv()["kubeos_default"] == "B"
+    else:
+        assert settled["outcome"] == "rolled-back", settled
+        assert "workload" in settled["outcome_detail"]
+        assert checks["workload"]["seconds"] < 10  # the request's 2 s deadline, not the agent's 60 s
+        assert node.grubenv()["kubeos_default"] == "A"

@@ -94,6 +94,29 @@ BAD: list[tuple[str, bytes | dict[str, Any] | list[Any], str, str]] = [
     ("tries ten", {"operation": "upgrade", "tries": 10}, "tries", "less than or equal to 9"),
     ("tries as a string", {"operation": "upgrade", "tries": "3"}, "tries", "valid integer"),
     ("reboot as a string", {"operation": "rollback", "reboot": "no"}, "reboot", "valid boolean"),
+    ("health unknown key", {"operation": "upgrade", "health": {"probes": []}}, "health.probes", "unknown field"),
+    ("health deadline zero", {"operation": "upgrade", "health": {"deadline": 0}}, "health.deadline", "greater than"),
+    (
+        "health command without argv",
+        {"operation": "upgrade", "health": {"commands": [{"name": "x"}]}},
+        "health.commands.0.argv",
+        "field required",
+    ),
+    (
+        "health probe not http",
+        {"operation": "upgrade", "health": {"http": [{"url": "file:///etc/passwd"}]}},
+        "health.http.0.url",
+        "match pattern",
+    ),
+    (
+        "health probe cacert outside",
+        {
+            "operation": "upgrade",
+            "health": {"http": [{"url": "https://127.0.0.1:10250/healthz", "cacert": "/etc/passwd"}]},
+        },
+        "health.http.0.cacert",
+        "outside the certificate directory",
+    ),
     ("mark_good with a field", {"operation": "mark_good", "slot": "B"}, "slot", "unknown field"),
 ]
 
