@@ -1,5 +1,9 @@
 """Shared fixtures: image files the tests create, loop devices they attach, and real module runs.
 
+Session fixtures used by more than one directory live here, defined once: ``images`` (node disk templates
+for the agent and cluster tests) and, from tests/cluster/fixtures.py, ``apiserver_cluster``, ``cluster``
+and ``deployed`` (one etcd + kube-apiserver per run).
+
 Every disk a test touches is a sparse image file under the test's own temporary directory.
 Loop devices attached over those files are detached in ``finally`` blocks, even when the
 module under test failed half-way.
@@ -18,6 +22,8 @@ from typing import Any
 
 import pytest
 import yaml
+from cluster.fixtures import apiserver_cluster, cluster, deployed
+from support.osimage import make_ext4_image, make_os_tree
 
 REPO = Path(__file__).resolve().parent.parent
 COLLECTIONS = REPO / "collections"
@@ -26,6 +32,8 @@ sys.path.insert(0, str(COLLECTIONS))
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 MIB = 1024 * 1024
+
+__all__ = ["apiserver_cluster", "cluster", "deployed"]  # fixtures, registered here once
 
 
 def _require_root() -> None:
@@ -210,3 +218,63 @@ def sha256_of(path: str, *, size: int | None = None) -> str:
             if left is not None:
                 left -= len(chunk)
     return digest.hexdigest()
+
+
+# --- node disk templates (agent and cluster tests) ------------------------------------------------------
+
+# A node disk is laid out and provisioned once per session by the real ``kubeos.os.provision`` role (slot A:
+# OS 1.0, committed; slot B empty), and once more with OS 2.0 written into slot B by the real
+# ``kubeos.os.slot_write`` (the "prepared" template).
+NODE_DISK_MIB = 320
+NODE_ROOT_SIZE = "64MiB"
+
+
+@dataclass(frozen=True)
+class Images:
+    base: Path
+    fresh: Path  # A = 1.0 committed, B empty
+    prepared: Path  # and B = 2.0 written (bootable, not armed)
+    www: Path  # served directory: the upgrade payload
+    v2: Path
+    v2_sha256: str
+    v1_sha256: str
+
+
+def _must(workdir: Path, plays: list[dict[str, object]]) -> None:
+    status, _events, stdout = run_playbook(workdir, plays)
+    assert status == "successful", stdout
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Images]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (loop devices, mkfs, mount)")
+    base = tmp_path_factory.mktemp("agent-images")
+    www = base / "www"
+    www.mkdir()
+    v1 = base / "os-1.0.ext4"
+    v1_sha = make_ext4_image(make_os_tree(base / "tree-1.0", "1.0"), v1, size_mib=24)
+    v2 = www / "os-2.0.ext4"
+    v2_sha = make_ext4_image(make_os_tree(base / "tree-2.0", "2.0"), v2, size_mib=32)
+    fresh, prepared = base / "fresh.img", base / "prepared.img"
+    with open(fresh, "wb") as handle:
+        handle.truncate(NODE_DISK_MIB * MIB)
+    try:
+        role = {
+            "kubeos_provision_device": str(fresh),
+            "kubeos_provision_root_size": NODE_ROOT_SIZE,
+            "kubeos_provision_image_src": f"file://{v1}",
+            "kubeos_provision_image_sha256": v1_sha,
+        }
+        play = {"hosts": "localhost", "gather_facts": False, "roles": [{"role": "kubeos.os.provision", **role}]}
+        _must(base / "provision", [play])
+        subprocess.run(["cp", "--sparse=always", str(fresh), str(prepared)], check=True)
+        write = {"device": str(prepared), "src": f"file://{v2}", "sha256": v2_sha}
+        _must(
+            base / "prepare",
+            [{"hosts": "localhost", "gather_facts": False, "tasks": [{"kubeos.os.slot_write": write}]}],
+        )
+        yield Images(base, fresh, prepared, www, v2, v2_sha, v1_sha)
+    finally:
+        for image in (fresh, prepared):
+            detach_all(image)
