@@ -53,6 +53,12 @@ class Metrics:
             "kubeos_assignments", "Nodes handed an operation by the operator.", ["os"], registry=self.registry
         )
         self.rounds = Counter("kubeos_scheduling_rounds", "Scheduling rounds run.", ["os"], registry=self.registry)
+        self.rounds_skipped = Counter(
+            "kubeos_scheduling_rounds_skipped",
+            "Rounds of a settled OS object skipped because nothing it reads changed.",
+            ["os"],
+            registry=self.registry,
+        )
         self.round_errors = Counter(
             "kubeos_scheduling_round_errors", "Scheduling rounds that failed.", ["os"], registry=self.registry
         )

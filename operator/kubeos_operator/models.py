@@ -660,6 +660,10 @@ class NodeView:
             uid=_str(meta, "uid"),
         )
 
+    def fingerprint(self) -> tuple[Any, ...]:
+        """Everything scheduling reads of this Node: when it is unchanged, a Node event changes no plan."""
+        return (tuple(sorted(self.labels.items())), self.os_image, self.unschedulable, self.ready, self.uid)
+
     @property
     def control_plane(self) -> bool:
         return names.LABEL_CONTROL_PLANE in self.labels or names.LABEL_MASTER in self.labels

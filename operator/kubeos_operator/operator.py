@@ -30,10 +30,15 @@ from . import names
 from .kube import Conflict, Kube, NotFound, api_client
 from .leader import LeaderElection
 from .metrics import HealthState, Metrics, serve
-from .models import OS, OSInstance, Phase
+from .models import OS, NodeView, OSInstance, Phase
 from .scheduling import EventSpec, Plan, plan_round
 
 log = logging.getLogger("kubeos_operator")
+
+# A settled OS object (see Scheduler) gets a full round at least this often, and checks this often whether
+# anything changed (a dictionary lookup, no API call).
+RESYNC_SECONDS = 300.0
+SETTLED_POLL_SECONDS = 1.0
 
 
 @dataclass
@@ -62,25 +67,58 @@ class Scheduler:
         self._finished_seen: set[tuple[str, str, str]] = set()
         self._history_loaded = False
         self._next_renew = 0.0
+        # Settled OS objects (nothing busy, nothing left to start) skip their rounds until something they
+        # read changes: ``_changes`` counts relevant Node and OSInstance events, ``_settled`` holds its value
+        # when each settled round began. An idle operator then reads nothing; every RESYNC_SECONDS a full
+        # round runs anyway, in case a watch missed something.
+        self._changes = 0
+        self._settled: dict[tuple[str, str], tuple[int, float]] = {}
+        self._generations: dict[tuple[str, str], int] = {}
+        self._node_prints: dict[str, tuple[Any, ...]] = {}
 
     # --- fed by the kopf handlers --------------------------------------------------------------------------
 
-    def os_seen(self, namespace: str, name: str, changed: bool) -> None:
+    def os_seen(self, namespace: str, name: str, generation: int) -> None:
+        """An OS object event: a new object or a new spec (``metadata.generation``) gets a round at once;
+        the operator's own status writes do not."""
+        key = (namespace, name)
         with self._lock:
-            known = (namespace, name) in self._due
+            known = key in self._due
+            changed = self._generations.get(key) != generation
+            self._generations[key] = generation
+            if changed:
+                self._settled.pop(key, None)
             if not known or changed:
-                self._due[(namespace, name)] = 0.0  # a new or changed OS gets a round at once
+                self._due[key] = 0.0
         if not known or changed:
             self.wake.set()
 
     def os_gone(self, namespace: str, name: str) -> None:
         with self._lock:
             self._due.pop((namespace, name), None)
+            self._settled.pop((namespace, name), None)
+            self._generations.pop((namespace, name), None)
         self.metrics.forget_os(f"{namespace}/{name}")
 
+    def node_seen(self, body: dict[str, Any]) -> None:
+        """A Node event: counts as a change only when something scheduling reads of it changed."""
+        node = NodeView.from_dict(body)
+        fingerprint = node.fingerprint()
+        with self._lock:
+            if self._node_prints.get(node.name) != fingerprint:
+                self._node_prints[node.name] = fingerprint
+                self._changes += 1
+
     def node_gone(self, name: str) -> None:
+        with self._lock:
+            self._node_prints.pop(name, None)
+            self._changes += 1
         if self.kube.delete_osinstance(name):
             log.info("deleted OSInstance %s/%s: its Node is gone", self.kube.namespace, name)
+
+    def osinstance_changed(self) -> None:
+        with self._lock:
+            self._changes += 1
 
     # --- the loop -----------------------------------------------------------------------------------------------
 
@@ -122,6 +160,13 @@ class Scheduler:
     def round(self, namespace: str, name: str) -> float:
         """One round for one OS object; returns the seconds until the next."""
         key = f"{namespace}/{name}"
+        now = time.monotonic()
+        with self._lock:
+            changes = self._changes
+            settled = self._settled.get((namespace, name))
+        if settled is not None and settled[0] == changes and now - settled[1] < RESYNC_SECONDS:
+            self.metrics.rounds_skipped.labels(key).inc()
+            return SETTLED_POLL_SECONDS
         try:
             os = self.kube.get_os(namespace, name)
         except NotFound:
@@ -138,6 +183,11 @@ class Scheduler:
             self.metrics.round_errors.labels(key).inc()
             return 5.0
         self.metrics.rounds.labels(key).inc()
+        with self._lock:
+            if plan.settled and (namespace, name) in self._due:
+                self._settled[(namespace, name)] = (changes, now)
+            else:
+                self._settled.pop((namespace, name), None)
         return plan.requeue_after
 
     def _round(self, os: OS) -> Plan:
@@ -283,13 +333,20 @@ def build_registry(scheduler: Scheduler, health: HealthState) -> kopf.OperatorRe
         if kwargs["type"] == "DELETED":
             scheduler.os_gone(namespace, name)
         else:
-            changed = kwargs["type"] == "MODIFIED" and _spec_changed(kwargs.get("old"), kwargs.get("new"))
-            scheduler.os_seen(namespace, name, changed=changed)
+            generation = kwargs["body"].get("metadata", {}).get("generation") or 0
+            scheduler.os_seen(namespace, name, int(generation))
 
     @kopf.on.event("", "v1", "nodes", registry=registry)
     def node_event(**kwargs: Any) -> None:
         if kwargs["type"] == "DELETED":
             scheduler.node_gone(str(kwargs["name"]))
+        else:
+            scheduler.node_seen(dict(kwargs["body"]))
+
+    @kopf.on.event(names.GROUP, names.VERSION, names.OSINSTANCE_PLURAL, registry=registry)
+    def osinstance_event(**kwargs: Any) -> None:
+        if kwargs["namespace"] == scheduler.kube.namespace:
+            scheduler.osinstance_changed()
 
     return registry
 
@@ -308,13 +365,6 @@ def connection_info(api: Any) -> kopf.ConnectionInfo:
         certificate_path=conf.cert_file or None,
         private_key_path=conf.key_file or None,
     )
-
-
-def _spec_changed(old: Any, new: Any) -> bool:
-    def spec(body: Any) -> dict[str, Any] | None:
-        return dict(body.get("spec") or {}) if isinstance(body, dict) else None
-
-    return spec(old) != spec(new)
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:

@@ -88,6 +88,9 @@ class Plan:
     requeue_after: float = 15.0
     # Why nothing new may start this round ("" when new nodes may start).
     blocked: str = ""
+    # Nothing is busy and nothing is left that time alone could start (every node is through or failed): until
+    # a Node, an OSInstance or the OS object changes, another round would compute the same plan.
+    settled: bool = False
 
 
 def selects(nodeselector: str, node: NodeView) -> bool:
@@ -264,6 +267,7 @@ def plan_round(
         )
 
     plan.status = _status(os, plan, selected, busy, failed, updated, todo, skipped_cp, blocked_message, now)
+    plan.settled = not busy and not plan.assignments and not plan.labels and all(n.name in failed_names for n in todo)
     return plan
 
 

@@ -99,6 +99,8 @@ def test_rbac_is_least_privilege(deployed: Cluster) -> None:
     assert not _can(operator, "list", "pods")
     assert not _can(operator, "patch", "os", group=g, namespace="any")
     assert not _can(operator, "create", "osinstances", group=g, namespace="other")
+    assert not _can(operator, "patch", "osinstances", group=g, namespace="other")
+    assert _can(operator, "watch", "osinstances", group=g)  # read-only, cluster-wide: kopf's watch
     # The proxy drains and reports. It cannot delete pods directly, change OS objects or delete nodes.
     assert _can(proxy, "create", "pods", namespace="app", sub="eviction")
     assert _can(proxy, "list", "pods")

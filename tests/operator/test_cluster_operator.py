@@ -289,3 +289,31 @@ def test_a_time_window_that_opens_lets_nodes_start(sim: SimCluster, cluster: Clu
     assert datetime.datetime.now() >= opens
     reasons = [e.reason for e in cluster.core.list_namespaced_event(ns).items]
     assert "TimeWindowClosed" in reasons and "NodeAssigned" in reasons
+
+
+def _metric(text: str, name: str, os_key: str) -> float:
+    prefix = f'{name}{{os="{os_key}"}} '
+    return sum(float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def test_a_settled_rollout_reads_nothing_until_a_node_changes(sim: SimCluster, cluster: Cluster) -> None:
+    """Every node at the target: the OS object settles and its rounds are skipped (no API reads while idle);
+    a new Node that needs the upgrade is seen through the watch and gets it without waiting for a resync."""
+    ns = cluster.create_namespace("op")
+    for i in range(2):
+        cluster.create_node(f"{ns}-n{i}", {names.LABEL_NODE_SELECTOR: ns}, os_image=V2)
+    sim.start_operator()
+    sim.wait_operator_ready()
+    cluster.apply(kubeos_os("idle", ns, ns))
+    key = f"{ns}/idle"
+    wait_for(lambda: cond(status_of(cluster, ns, "idle"), "Complete")[0] == "True", 30, "Complete", sim)
+    wait_for(lambda: _metric(sim.metrics(), "kubeos_scheduling_rounds_skipped_total", key) >= 2, 30, "skips", sim)
+    rounds = _metric(sim.metrics(), "kubeos_scheduling_rounds_total", key)
+    time.sleep(4)  # timeinterval is 1 s: four rounds would have run
+    text = sim.metrics()
+    assert _metric(text, "kubeos_scheduling_rounds_total", key) == rounds
+    assert _metric(text, "kubeos_scheduling_rounds_skipped_total", key) >= 5
+
+    cluster.create_node(f"{ns}-n2", {names.LABEL_NODE_SELECTOR: ns}, os_image=V1)
+    wait_for(lambda: labelled(cluster, ns) == [f"{ns}-n2"], 20, "the new node to be assigned", sim)
+    assert _metric(sim.metrics(), "kubeos_scheduling_rounds_total", key) > rounds
