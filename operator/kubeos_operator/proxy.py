@@ -56,6 +56,11 @@ class Permanent(Exception):
     """Retrying cannot help: the node is failed at once."""
 
 
+class Stopping(Exception):
+    """The proxy is stopping (its pod is deleted, the node reboots): not a failure of the operation. The
+    OSInstance status keeps what was done, and the next proxy goes on from there."""
+
+
 class Proxy:
     def __init__(
         self,
@@ -212,6 +217,8 @@ class Proxy:
                 self._upgrade(os)
             elif step == Step.ROLLBACK:
                 self._rollback(os, agent)
+        except Stopping as exc:
+            log.info("%s; the next proxy goes on from the OSInstance status", exc)
         except Permanent as exc:
             self._fail(str(exc))
         except (AttemptFailed, AgentUnreachable) as exc:
@@ -351,7 +358,8 @@ class Proxy:
                 self._status(progress=progress)
                 last_write = time.monotonic()
             if self.stop.wait(0.5):
-                raise AttemptFailed("the proxy stopped while following the agent")
+                # The agent goes on by itself; the next proxy follows the operation from agentOperation.
+                raise Stopping(f"stopped while following agent operation {op_id}")
         if op.state != "succeeded":
             raise AttemptFailed(f"agent {op.kind} {op.state}: {op.error or op.phase}")
         return op
@@ -400,6 +408,9 @@ class Proxy:
             stop=self.stop,
             on_progress=progress,
         )
+        if not result.ok and self.stop.is_set():
+            self._uncordon()  # never left cordoned; the next proxy cordons and drains again
+            raise Stopping(f"stopped while draining: {result.reason}")
         if not result.ok:
             self._condition("Drained", False, "DrainFailed", result.reason)
             raise AttemptFailed(f"drain aborted: {result.reason}")

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from cluster.apiserver import Cluster
 from kubernetes import client as k8s
+from opsupport import cond, os_manifest, os_status
 from simnodes import V1, V2, SimCluster, sim_cluster, wait_for
 
 from kubeos_operator import names
@@ -26,39 +27,7 @@ def sim(deployed: Cluster, cluster: Cluster, tmp_path: Path) -> Iterator[SimClus
 
 
 def kubeos_os(name: str, namespace: str, selector: str, **spec: Any) -> dict[str, Any]:
-    body = {
-        "osversion": V2,
-        "imagetype": "disk",
-        "imageurl": "https://images.example.com/v2.img",
-        "checksum": SHA,
-        "containerimage": "",
-        "opstype": "upgrade",
-        "maxunavailable": 2,
-        "evictpodforce": False,
-        "flagSafe": False,
-        "mtls": False,
-        "nodeselector": selector,
-        "timeinterval": 1,
-        **spec,
-    }
-    return {
-        "apiVersion": names.API_VERSION,
-        "kind": "OS",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": body,
-    }
-
-
-def status_of(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
-    obj = k8s.CustomObjectsApi(cluster.api).get_namespaced_custom_object(
-        names.GROUP, names.VERSION, namespace, names.OS_PLURAL, name
-    )
-    return dict(obj.get("status") or {})
-
-
-def cond(status: dict[str, Any], kind: str) -> tuple[str, str]:
-    c = next((c for c in status.get("conditions") or [] if c["type"] == kind), {})
-    return c.get("status", ""), c.get("reason", "")
+    return os_manifest(name, namespace, nodeselector=selector, **spec)
 
 
 def labelled(cluster: Cluster, prefix: str, label: str = names.LABEL_UPGRADING) -> list[str]:
@@ -92,7 +61,7 @@ def test_assigns_up_to_the_limit_and_survives_a_kill(sim: SimCluster, cluster: C
     assert inst["spec"]["nodestatus"] == "upgrade"
     assert inst["spec"]["namespacedname"] == {"name": "fleet", "namespace": ns}
     assert inst["metadata"]["labels"][names.LABEL_OSINSTANCE_NODE] == f"{ns}-n0"
-    status = wait_for(lambda: (s := status_of(cluster, ns, "fleet")).get("inProgress") == 2 and s, 30, "status", sim)
+    status = wait_for(lambda: (s := os_status(cluster, ns, "fleet")).get("inProgress") == 2 and s, 30, "status", sim)
     assert (status["matching"], status["updated"], status["failed"]) == (6, 0, 0)
     assert cond(status, "Progressing") == ("True", "NodesInProgress")
     events = {e.reason for e in cluster.core.list_namespaced_event(ns).items}
@@ -137,7 +106,7 @@ def test_duplicate_selector_pause_and_time_window_stop_new_assignments(sim: SimC
     sim.start_operator()
     cluster.apply(kubeos_os("windowed", ns, ns, timewindow=closed))
     wait_for(
-        lambda: cond(status_of(cluster, ns, "windowed"), "Progressing") == ("False", "TimeWindowClosed"),
+        lambda: cond(os_status(cluster, ns, "windowed"), "Progressing") == ("False", "TimeWindowClosed"),
         30,
         "window closed",
         sim,
@@ -146,7 +115,7 @@ def test_duplicate_selector_pause_and_time_window_stop_new_assignments(sim: SimC
     # A second OS with the same selector: both are refused.
     cluster.apply(kubeos_os("twin", ns, ns))
     wait_for(
-        lambda: cond(status_of(cluster, ns, "twin"), "Failed") == ("True", "DuplicateSelector"),
+        lambda: cond(os_status(cluster, ns, "twin"), "Failed") == ("True", "DuplicateSelector"),
         30,
         "duplicate reported",
         sim,
@@ -156,7 +125,7 @@ def test_duplicate_selector_pause_and_time_window_stop_new_assignments(sim: SimC
     )
     # Paused, window open: still nothing; resumed: nodes start.
     cluster.apply(kubeos_os("windowed", ns, ns, timewindow={"starttime": "", "endtime": ""}, paused=True))
-    wait_for(lambda: cond(status_of(cluster, ns, "windowed"), "Paused") == ("True", "PausedBySpec"), 30, "paused", sim)
+    wait_for(lambda: cond(os_status(cluster, ns, "windowed"), "Paused") == ("True", "PausedBySpec"), 30, "paused", sim)
     time.sleep(2)
     assert labelled(cluster, ns) == []
     cluster.apply(kubeos_os("windowed", ns, ns, timewindow={"starttime": "", "endtime": ""}, paused=False))
@@ -172,7 +141,7 @@ def test_control_plane_nodes_skipped_unless_allowed(sim: SimCluster, cluster: Cl
     wait_for(lambda: labelled(cluster, ns) == [f"{ns}-n0"], 30, "worker assigned", sim)
     time.sleep(2)
     assert labelled(cluster, ns) == [f"{ns}-n0"]
-    assert status_of(cluster, ns, "fleet")["matching"] == 1
+    assert os_status(cluster, ns, "fleet")["matching"] == 1
     # Nothing changes any more: rounds go on (timeinterval 1) but write nothing.
     api = k8s.CustomObjectsApi(cluster.api)
     before = api.get_namespaced_custom_object(names.GROUP, names.VERSION, ns, names.OS_PLURAL, "fleet")
@@ -279,7 +248,7 @@ def test_a_time_window_that_opens_lets_nodes_start(sim: SimCluster, cluster: Clu
     }
     cluster.apply(kubeos_os("later", ns, ns, timewindow=window))
     wait_for(
-        lambda: cond(status_of(cluster, ns, "later"), "Progressing") == ("False", "TimeWindowClosed"),
+        lambda: cond(os_status(cluster, ns, "later"), "Progressing") == ("False", "TimeWindowClosed"),
         30,
         "the window to be reported closed",
         sim,
@@ -306,7 +275,7 @@ def test_a_settled_rollout_reads_nothing_until_a_node_changes(sim: SimCluster, c
     sim.wait_operator_ready()
     cluster.apply(kubeos_os("idle", ns, ns))
     key = f"{ns}/idle"
-    wait_for(lambda: cond(status_of(cluster, ns, "idle"), "Complete")[0] == "True", 30, "Complete", sim)
+    wait_for(lambda: cond(os_status(cluster, ns, "idle"), "Complete")[0] == "True", 30, "Complete", sim)
     wait_for(lambda: _metric(sim.metrics(), "kubeos_scheduling_rounds_skipped_total", key) >= 2, 30, "skips", sim)
     rounds = _metric(sim.metrics(), "kubeos_scheduling_rounds_total", key)
     time.sleep(4)  # timeinterval is 1 s: four rounds would have run

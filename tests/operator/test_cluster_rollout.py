@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from cluster.apiserver import Cluster
-from kubernetes import client as k8s
+from opsupport import cond, instance_status, node_events, os_manifest, os_status, osinstance
 from simnodes import V1, V2, SimCluster, sim_cluster, wait_for
 
 from kubeos_operator import names
@@ -30,47 +30,13 @@ def sim(deployed: Cluster, cluster: Cluster, images: Any, tmp_path: Path) -> Ite
         yield s
 
 
-def os_manifest(name: str, namespace: str, images: Any, **spec: Any) -> dict[str, Any]:
-    """A KubeOS-style OS object: the KubeOS fields only, unless the test adds kubeos's."""
-    body = {
-        "osversion": V2,
-        "imagetype": "disk",
-        "imageurl": f"file://{images.v2}",
-        "checksum": images.v2_sha256,
-        "containerimage": "",
-        "opstype": "upgrade",
-        "maxunavailable": 2,
-        "evictpodforce": False,
-        "flagSafe": False,
-        "mtls": False,
-        "timeinterval": 1,
-        **spec,
-    }
-    return {
-        "apiVersion": names.API_VERSION,
-        "kind": "OS",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": body,
-    }
-
-
-def os_status(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
-    obj = k8s.CustomObjectsApi(cluster.api).get_namespaced_custom_object(
-        names.GROUP, names.VERSION, namespace, names.OS_PLURAL, name
-    )
-    return dict(obj.get("status") or {})
+def upgrade_os(name: str, namespace: str, images: Any, **spec: Any) -> dict[str, Any]:
+    """A KubeOS-style OS object that upgrades to the test image (served as a file)."""
+    return os_manifest(name, namespace, **{"imageurl": f"file://{images.v2}", "checksum": images.v2_sha256, **spec})
 
 
 def condition(status: dict[str, Any], kind: str) -> str:
-    return next((c["status"] for c in status.get("conditions") or [] if c["type"] == kind), "")
-
-
-def osinstance(cluster: Cluster, node: str) -> dict[str, Any]:
-    return dict(
-        k8s.CustomObjectsApi(cluster.api).get_namespaced_custom_object(
-            names.GROUP, names.VERSION, "default", names.OSINSTANCE_PLURAL, node
-        )
-    )
+    return cond(status, kind)[0]
 
 
 def bind_workload(cluster: Cluster, namespace: str, node: str, app: str = "web") -> None:
@@ -105,7 +71,7 @@ def test_rollout_never_exceeds_maxunavailable_and_ends_true(sim: SimCluster, clu
     sim.start_loops()
     sim.start_operator()
     with cluster.kubelet_loop():
-        cluster.apply(os_manifest("fleet", ns, images, maxunavailable=limit, nodeselector=f"pool-{ns}"))
+        cluster.apply(upgrade_os("fleet", ns, images, maxunavailable=limit, nodeselector=f"pool-{ns}"))
         wait_for(
             lambda: condition(os_status(cluster, ns, "fleet"), "Complete") == "True",
             600,
@@ -135,19 +101,6 @@ def test_rollout_never_exceeds_maxunavailable_and_ends_true(sim: SimCluster, clu
     assert f'kubeos_os_nodes{{os="{ns}/fleet",state="updated"}} {float(count)}' in metrics
 
 
-def instance_status(cluster: Cluster, node: str) -> dict[str, Any]:
-    try:
-        return dict(osinstance(cluster, node).get("status") or {})
-    except k8s.ApiException as exc:
-        if exc.status == 404:  # the proxy has not created it yet
-            return {}
-        raise
-
-
-def node_events(cluster: Cluster, node: str) -> list[Any]:
-    return [e for e in cluster.core.list_namespaced_event("default").items if e.involved_object.name == node]
-
-
 def test_a_pdb_that_blocks_the_drain_times_out_uncordons_and_says_why(
     sim: SimCluster, cluster: Cluster, images: Any
 ) -> None:
@@ -168,7 +121,7 @@ def test_a_pdb_that_blocks_the_drain_times_out_uncordons_and_says_why(
     sim.start_operator()
     with cluster.kubelet_loop():
         cluster.apply(
-            os_manifest("guarded", ns, images, nodeselector=pool, maxunavailable=1, draintimeout=4, maxretries=1)
+            upgrade_os("guarded", ns, images, nodeselector=pool, maxunavailable=1, draintimeout=4, maxretries=1)
         )
         wait_for(lambda: instance_status(cluster, name).get("phase") == "failed", 300, "the node to fail", sim)
     status = instance_status(cluster, name)
@@ -201,7 +154,7 @@ def test_failing_nodes_are_retried_then_failed_and_the_budget_halts_the_rollout(
         sim.add_node(f"{ns}-n{i}", {names.LABEL_NODE_SELECTOR: pool})
     sim.start_loops()
     sim.start_operator()
-    bad = os_manifest(
+    bad = upgrade_os(
         "fleet", ns, images, nodeselector=pool, maxunavailable=1, maxretries=2, maxfailures=1, checksum="0" * 64
     )
     cluster.apply(bad)
@@ -241,7 +194,7 @@ def test_rollback_to_the_other_slot_and_refusal_on_a_fresh_node(sim: SimCluster,
     sim.add_node(fresh, {names.LABEL_NODE_SELECTOR: pool})
     sim.start_loops()
     sim.start_operator()
-    cluster.apply(os_manifest("back", ns, images, nodeselector=pool, opstype="rollback", maxunavailable=2))
+    cluster.apply(upgrade_os("back", ns, images, nodeselector=pool, opstype="rollback", maxunavailable=2))
     wait_for(lambda: instance_status(cluster, prepared).get("phase") == "done", 300, "the rollback", sim)
     wait_for(lambda: instance_status(cluster, fresh).get("phase") == "failed", 60, "the refusal", sim)
     assert sim.nodes[prepared].boots == ["B"]
@@ -267,7 +220,7 @@ def test_config_operation_applies_sysconfigs_without_reboot(sim: SimCluster, clu
         ],
     }
     cluster.apply(
-        os_manifest("tune", ns, images, nodeselector=pool, opstype="config", osversion=V1, sysconfigs=sysconfigs)
+        upgrade_os("tune", ns, images, nodeselector=pool, opstype="config", osversion=V1, sysconfigs=sysconfigs)
     )
     wait_for(lambda: condition(os_status(cluster, ns, "tune"), "Complete") == "True", 300, "config done", sim)
     for name in names_:
@@ -288,7 +241,7 @@ def test_operator_killed_and_api_server_restarted_mid_rollout(sim: SimCluster, c
         sim.add_node(f"{ns}-n{i}", {names.LABEL_NODE_SELECTOR: pool})
     sim.start_loops()
     sim.start_operator("--lease-duration", "4")
-    cluster.apply(os_manifest("fleet", ns, images, nodeselector=pool, maxunavailable=limit))
+    cluster.apply(upgrade_os("fleet", ns, images, nodeselector=pool, maxunavailable=limit))
     wait_for(lambda: os_status(cluster, ns, "fleet").get("inProgress") == limit, 120, "the first batch", sim)
     sim.kill_operator()
     sim.start_operator("--lease-duration", "4")
@@ -309,10 +262,42 @@ def test_serial_mode_upgrades_one_node_at_a_time_in_order(sim: SimCluster, clust
         sim.add_node(name, {names.LABEL_NODE_SELECTOR: pool})
     sim.start_loops()
     sim.start_operator()
-    cluster.apply(os_manifest("serial", ns, images, nodeselector=pool, executionmode="serial", maxunavailable=2))
+    cluster.apply(upgrade_os("serial", ns, images, nodeselector=pool, executionmode="serial", maxunavailable=2))
     wait_for(lambda: condition(os_status(cluster, ns, "serial"), "Complete") == "True", 600, "serial rollout", sim)
     assert sim.max_busy == 1
     assert sim.start_order == order
     for name in order:
         labels = cluster.core.read_node(name).metadata.labels or {}
         assert names.LABEL_SERIAL not in labels and names.LABEL_UPGRADING not in labels
+
+
+def test_a_proxy_restarted_mid_operation_goes_on_without_counting_a_failure(
+    sim: SimCluster, cluster: Cluster, images: Any
+) -> None:
+    """The proxy stops (pod deleted, DaemonSet rolled) while it follows the agent writing the new slot: the
+    agent goes on, the next proxy follows the very same agent operation to the end; no attempt is lost."""
+    ns = cluster.create_namespace("restartproxy")
+    node = f"{ns}-n0"
+    sim.add_node(node, {names.LABEL_NODE_SELECTOR: f"pool-{ns}"})
+    sim.start_loops()
+    sim.start_operator()
+    cluster.apply(upgrade_os("fleet", ns, images, nodeselector=f"pool-{ns}", maxretries=1))
+    agent = sim.nodes[node].disk.client()
+
+    def writing() -> str:
+        current = agent.status().body.get("current_operation") or {}
+        return str(current.get("id", "")) if current.get("kind") == "prepare_upgrade" else ""
+
+    prepare_id = wait_for(writing, 120, "the agent to be writing the new slot", sim)
+    sim._stop_process(sim.nodes[node].proxy)
+    stopped = instance_status(cluster, node)
+    assert (stopped["phase"], stopped["attempts"]) == ("preparing", 0), stopped  # nothing recorded as failed
+    assert cluster.core.read_node(node).spec.unschedulable is not True
+    sim.start_proxy(sim.nodes[node])
+    wait_for(lambda: instance_status(cluster, node).get("phase") == "done", 300, "the upgrade", sim)
+    final = instance_status(cluster, node)
+    assert final["attempts"] == 0 and final["lastError"] == "", final
+    ops = sim.nodes[node].disk.client().operations().body["operations"]
+    prepares = [op for op in ops if op["kind"] == "prepare_upgrade"]
+    assert [op["id"] for op in prepares] == [prepare_id]  # followed to its end, not started again
+    assert sim.nodes[node].boots == ["B"]
