@@ -147,10 +147,13 @@ class Scheduler:
             for namespace, name in due:
                 if stop.is_set() or not self.leading:
                     break
+                started = time.monotonic()
                 requeue = self.round(namespace, name)
                 with self._lock:
                     if (namespace, name) in self._due:
-                        self._due[(namespace, name)] = time.monotonic() + requeue
+                        # timeinterval counts from the start of one round to the start of the next (a round
+                        # of a large cluster takes a good part of a second: it must not stretch the interval).
+                        self._due[(namespace, name)] = max(started + requeue, time.monotonic() + 0.05)
         with self._lock:
             next_due = min(self._due.values(), default=now + 5.0)
         wait = max(0.05, min(next_due, self._next_renew if self.leader else next_due, now + 5.0) - time.monotonic())
