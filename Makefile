@@ -49,8 +49,9 @@ sanity:
 	bash '$(ROOT)/scripts/ansible-test-sanity.sh'
 
 pytest:
-	$(call section,pytest: build or find the cached test tools (test OS, kube-apiserver))
+	$(call section,pytest: build or find the cached test tools (test OS, node OS, kube-apiserver))
 	bash '$(ROOT)/scripts/build-test-os.sh'
+	bash '$(ROOT)/scripts/build-node-os.sh'
 	bash '$(ROOT)/scripts/build-kube-apiserver.sh'
 	$(call section,pytest: full suite)
 	cd '$(ROOT)' && KUBEOS_REQUIRE_CLUSTER=1 '$(BIN)/pytest'
