@@ -121,6 +121,9 @@ class AgentConfig(_Strict):
     device: str | None = None
     # The running root as on the kernel command line (PARTUUID=…, LABEL=…, /dev/…); None: /proc/cmdline.
     running_root: str | None = None
+    # The tree ``configure`` (sysconfigs) writes under, as "/" (an agent in a container: the host's root
+    # mounted at /host; tests and image builds: a directory). Service actions are refused when it is not "/".
+    configure_root: Path = Path("/")
     reboot_command: list[str] = Field(default_factory=lambda: ["systemctl", "reboot"], min_length=1)
     systemctl_command: list[str] = Field(default_factory=lambda: ["systemctl"], min_length=1)
     trial_tries: int = Field(default=3, ge=1, le=9)

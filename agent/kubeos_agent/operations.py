@@ -49,7 +49,6 @@ PLAYBOOKS = {
     OperationKind.CONFIGURE: "kubeos.os.configure",
 }
 # The tree that configure changes: "/" on a node; tests and image builds point it elsewhere.
-CONFIGURE_ROOT_ENV = "KUBEOS_AGENT_CONFIGURE_ROOT"
 # Phases in which cancelling makes no sense any more (the reboot was asked for) or is not offered.
 _NOT_CANCELLABLE_PHASES = ("rebooting",)
 PROGRESS_POLL = 0.2
@@ -579,7 +578,7 @@ class OperationManager:
             **self.disk_vars("kubeos_configure"),
             # As base64 JSON: Ansible would evaluate "{{ }}" in values passed as plain extra vars.
             "kubeos_configure_configs_b64": base64.b64encode(json.dumps(configs).encode("utf-8")).decode("ascii"),
-            "kubeos_configure_root": os.environ.get(CONFIGURE_ROOT_ENV) or "/",
+            "kubeos_configure_root": str(self.config.configure_root),
             "kubeos_configure_reload_sysctl": request.reload_sysctl,
             "kubeos_configure_restart_kubelet": request.restart_kubelet,
             "kubeos_configure_restart_containerd": request.restart_containerd,

@@ -16,8 +16,6 @@ from typing import Any
 import pytest
 import yaml
 
-from kubeos_agent.operations import CONFIGURE_ROOT_ENV
-
 from .helpers import DaemonProcess, Node, run_op
 
 pytestmark = pytest.mark.loop
@@ -54,14 +52,14 @@ def tree(root: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def node_root(make_node: Callable[..., Node], monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Node, Path]]:
+def node_root(make_node: Callable[..., Node]) -> Iterator[tuple[Node, Path]]:
     """A node (slot A running, B empty), its files in a temporary root, and its agent as a real daemon."""
     node = make_node("fresh")
     root = node.root / "tree"
     for rel, text in FILES.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(text)
-    monkeypatch.setenv(CONFIGURE_ROOT_ENV, str(root))
+    node.configure(configure_root=str(root))
     daemon = DaemonProcess(node).start()
     try:
         yield node, root

@@ -30,11 +30,10 @@ from cluster.apiserver import Cluster, free_port
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
-from kubeos_agent.operations import CONFIGURE_ROOT_ENV
 from kubeos_operator import names
 
 V1, V2 = "KubeOS 1.0", "KubeOS 2.0"
-# The files sysconfigs change, under each node's own root (KUBEOS_AGENT_CONFIGURE_ROOT).
+# The files sysconfigs change, under each node's own root (the agent's configure_root).
 NODE_FILES = {
     "etc/sysctl.conf": "vm.swappiness = 60\n",
     "proc/sys/net/ipv4/ip_forward": "0\n",
@@ -92,7 +91,6 @@ class SimCluster:
         self.operator_starts = 0
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._env_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self.samples: list[tuple[float, int, int]] = []  # (time, busy, cordoned)
         self.start_order: list[str] = []  # nodes in the order they were first seen busy
@@ -114,7 +112,7 @@ class SimCluster:
         subprocess.run(["cp", "--sparse=always", str(template or self.fresh_image), str(image)], check=True)
         partitions = partitions_of(image)
         disk = Node(root=root, image=image, partitions=partitions)
-        disk.configure(**node_settings(root, image, partitions))
+        disk.configure(**node_settings(root, image, partitions), configure_root=str(root / "tree"))
         sim = SimNode(name, disk)
         self.nodes[name] = sim
         self.cluster.create_node(name, labels, os_image=V1)
@@ -124,15 +122,10 @@ class SimCluster:
         return sim
 
     def start_agent(self, sim: SimNode) -> None:
-        # sysconfigs go to the node's own tree, never to this machine's /etc or /proc (the agent's
-        # environment is copied when it starts: the lock keeps two starts from mixing theirs up).
-        with self._env_lock:
-            os.environ[CONFIGURE_ROOT_ENV] = str(sim.disk.root / "tree")
-            try:
-                agent = DaemonProcess(sim.disk)
-                agent.start()
-            finally:
-                os.environ.pop(CONFIGURE_ROOT_ENV, None)
+        # sysconfigs go to the node's own tree (its agent's configure_root, set in add_node), never to this
+        # machine's /etc or /proc.
+        agent = DaemonProcess(sim.disk)
+        agent.start()
         sim.agent = agent
 
     def start_proxy(self, sim: SimNode) -> None:

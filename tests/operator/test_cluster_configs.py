@@ -1,5 +1,5 @@
 """Node configuration and health checks through the whole chain on the real API server: OS object → operator →
-OSInstance → proxy → agent → ``kubeos.os.sysconfig`` on each node's own tree (KUBEOS_AGENT_CONFIGURE_ROOT).
+OSInstance → proxy → agent → ``kubeos.os.sysconfig`` on each node's own tree (its agent's ``configure_root``).
 
 Each simulated node has its own files (simnodes.NODE_FILES under ``<node>/tree``); what the tests assert of a
 node's files is read from there, what they assert of the cluster from the OS and OSInstance status and the
