@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import urllib3
 from agent.helpers import DaemonProcess, Node, node_settings, partitions_of
 from cluster.apiserver import Cluster, free_port
@@ -324,6 +325,16 @@ class SimCluster:
                 tail = "\n".join(sim.proxy_log.read_text(errors="replace").splitlines()[-25:])
                 parts.append(f"--- proxy {sim.name} ---\n{tail}")
         return "\n".join(parts)
+
+
+@pytest.fixture(name="sim")
+def sim_fixture(deployed: Cluster, cluster: Cluster, images: Any, tmp_path: Path) -> Iterator[SimCluster]:
+    """Simulated nodes (agents on loop-backed disks from the ``fresh`` template) and the operator, for a test
+    that does ``from simnodes import sim_fixture``; closed, with every process stopped, after the test."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (loop devices)")
+    with sim_cluster(cluster, images.fresh, tmp_path) as s:
+        yield s
 
 
 @contextlib.contextmanager

@@ -6,28 +6,23 @@ harness (simnodes.py). A sampler lists the Nodes every 0.1 s during the whole ro
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from cluster.apiserver import Cluster
 from opsupport import cond, instance_status, node_events, os_manifest, os_status, osinstance
-from simnodes import V1, V2, SimCluster, sim_cluster, wait_for
+from simnodes import (
+    V1,
+    V2,
+    SimCluster,
+    sim_fixture,  # noqa: F401  (the fixture "sim")
+    wait_for,
+)
 
 from kubeos_operator import names
 
 pytestmark = [pytest.mark.loop, pytest.mark.slow]
-
-
-@pytest.fixture
-def sim(deployed: Cluster, cluster: Cluster, images: Any, tmp_path: Path) -> Iterator[SimCluster]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root (loop devices)")
-    with sim_cluster(cluster, images.fresh, tmp_path) as s:
-        yield s
 
 
 def upgrade_os(name: str, namespace: str, images: Any, **spec: Any) -> dict[str, Any]:
