@@ -285,4 +285,5 @@ def test_a_settled_rollout_reads_nothing_until_a_node_changes(sim: SimCluster, c
 
     cluster.create_node(f"{ns}-n2", {names.LABEL_NODE_SELECTOR: ns}, os_image=V1)
     wait_for(lambda: labelled(cluster, ns) == [f"{ns}-n2"], 20, "the new node to be assigned", sim)
-    assert _metric(sim.metrics(), "kubeos_scheduling_rounds_total", key) > rounds
+    # The round is counted once it ended (after its writes): the label can be seen a moment earlier.
+    wait_for(lambda: _metric(sim.metrics(), "kubeos_scheduling_rounds_total", key) > rounds, 10, "a counted round", sim)
