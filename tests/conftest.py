@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -218,6 +219,43 @@ def sha256_of(path: str, *, size: int | None = None) -> str:
             if left is not None:
                 left -= len(chunk)
     return digest.hexdigest()
+
+
+def tree_listing(root: Path) -> dict[str, tuple[Any, ...]]:
+    """What a root filesystem is made of, for comparing two of them: for every path but ``lost+found``, its type,
+    mode, owner, link target, xattrs, content hash, the first path of its hard-link group and its device number;
+    no times."""
+    listing: dict[str, tuple[Any, ...]] = {}
+    inodes: dict[int, str] = {}
+    for directory, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(dirnames + filenames):
+            path = Path(directory) / name
+            rel = str(path.relative_to(root))
+            if rel == "lost+found":
+                continue
+            st = path.lstat()
+            link = os.readlink(path) if stat.S_ISLNK(st.st_mode) else None
+            xattrs = (
+                {k: os.getxattr(path, k, follow_symlinks=False) for k in os.listxattr(path, follow_symlinks=False)}
+                if not stat.S_ISLNK(st.st_mode)
+                else {}
+            )
+            content = sha256_of(str(path)) if stat.S_ISREG(st.st_mode) else None
+            hardlink_of = inodes.setdefault(st.st_ino, rel) if stat.S_ISREG(st.st_mode) and st.st_nlink > 1 else None
+            rdev = st.st_rdev if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else None
+            listing[rel] = (
+                stat.S_IFMT(st.st_mode),
+                stat.S_IMODE(st.st_mode),
+                st.st_uid,
+                st.st_gid,
+                link,
+                tuple(sorted(xattrs.items())),
+                content,
+                hardlink_of,
+                rdev,
+            )
+    return listing
 
 
 # --- node disk templates (agent and cluster tests) ------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import COLLECTIONS, ModuleResult, blkid, copy_sparse, detach_all, run_playbook, sha256_of
+from conftest import COLLECTIONS, ModuleResult, blkid, copy_sparse, detach_all, run_playbook, sha256_of, tree_listing
 from support.killedwrite import kill_slot_write_midway
 from support.osimage import make_ext4_image, make_os_tree, make_tar
 from support.tls import Pki, file_server, make_pki
@@ -262,40 +262,6 @@ def test_plain_http_needs_allow_insecure_http(
         assert allowed.changed and not allowed.failed, allowed.result
 
 
-def _tree_listing(root: Path) -> dict[str, tuple[Any, ...]]:
-    """What a root filesystem is made of, for comparing two of them."""
-    listing: dict[str, tuple[Any, ...]] = {}
-    inodes: dict[int, str] = {}
-    for directory, dirnames, filenames in os.walk(root):
-        for name in sorted(dirnames + filenames):
-            path = Path(directory) / name
-            rel = str(path.relative_to(root))
-            if rel == "lost+found":
-                continue
-            st = path.lstat()
-            link = os.readlink(path) if stat.S_ISLNK(st.st_mode) else None
-            xattrs = (
-                {k: os.getxattr(path, k, follow_symlinks=False) for k in os.listxattr(path, follow_symlinks=False)}
-                if not stat.S_ISLNK(st.st_mode)
-                else {}
-            )
-            content = sha256_of(str(path)) if stat.S_ISREG(st.st_mode) else None
-            hardlink_of = inodes.setdefault(st.st_ino, rel) if stat.S_ISREG(st.st_mode) and st.st_nlink > 1 else None
-            rdev = st.st_rdev if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else None
-            listing[rel] = (
-                stat.S_IFMT(st.st_mode),
-                stat.S_IMODE(st.st_mode),
-                st.st_uid,
-                st.st_gid,
-                link,
-                tuple(sorted(xattrs.items())),
-                content,
-                hardlink_of,
-                rdev,
-            )
-    return listing
-
-
 def test_tar_root_filesystem_comes_out_identical(
     disk: Disk, tmp_path: Path, run_module: Callable[..., ModuleResult]
 ) -> None:
@@ -326,7 +292,7 @@ def test_tar_root_filesystem_comes_out_identical(
         part = blockdev.read_table(dev).by_name("ROOT-B")
         assert part is not None and part.label == "ROOT-B"
         with blockdev.mounted(part.node, readonly=True) as root:
-            assert _tree_listing(Path(root)) == _tree_listing(tree)
+            assert tree_listing(Path(root)) == tree_listing(tree)
 
 
 def test_a_write_killed_midway_leaves_the_slot_not_bootable_and_a_retry_succeeds(

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ModuleResult, detach_all, run_playbook, sha256_of
+from conftest import ModuleResult, detach_all, run_playbook, sha256_of, tree_listing
 from support.osimage import make_ext4_image, make_os_tree
 from support.registry import (
     ImageParts,
@@ -315,39 +315,6 @@ def _build_trees(work: Path) -> Trees:
     return Trees(base, upper, expected)
 
 
-def _tree_listing(root: Path) -> dict[str, tuple[Any, ...]]:
-    """Everything but times: type, mode, owner, link target, xattrs, content, hard links."""
-    listing: dict[str, tuple[Any, ...]] = {}
-    inodes: dict[int, str] = {}
-    for directory, dirs, files in os.walk(root):
-        dirs.sort()
-        for name in sorted(dirs + files):
-            path = Path(directory) / name
-            rel = str(path.relative_to(root))
-            if rel == "lost+found":
-                continue
-            st = path.lstat()
-            link = os.readlink(path) if stat.S_ISLNK(st.st_mode) else None
-            xattrs = (
-                {k: os.getxattr(path, k, follow_symlinks=False) for k in os.listxattr(path, follow_symlinks=False)}
-                if not stat.S_ISLNK(st.st_mode)
-                else {}
-            )
-            content = sha256_of(str(path)) if stat.S_ISREG(st.st_mode) else None
-            hardlink_of = inodes.setdefault(st.st_ino, rel) if stat.S_ISREG(st.st_mode) and st.st_nlink > 1 else None
-            listing[rel] = (
-                stat.S_IFMT(st.st_mode),
-                stat.S_IMODE(st.st_mode),
-                st.st_uid,
-                st.st_gid,
-                link,
-                tuple(sorted(xattrs.items())),
-                content,
-                hardlink_of,
-            )
-    return listing
-
-
 @dataclass
 class Published:
     registry: Registry
@@ -415,7 +382,7 @@ class Disk:
             part = blockdev.read_table(disk).by_name(slots.SLOT_NAMES[slot])
             assert part is not None
             with blockdev.mounted(part.node, readonly=True) as root:
-                return _tree_listing(Path(root))
+                return tree_listing(Path(root))
 
 
 @pytest.fixture(scope="module")
@@ -493,7 +460,7 @@ def test_image_by_digest_is_written_merged_with_whiteouts_and_marked_bootable(
     assert state.grub.env["kubeos_B_image"] == digest.removeprefix("sha256:")
     assert state.grub.default == "A" and state.grub.trial is None
     assert disk.slot_hash("A") == a_before
-    assert disk.listing("B") == _tree_listing(published.trees.expected)
+    assert disk.listing("B") == tree_listing(published.trees.expected)
 
     env = disk.env_bytes()
     again = run_module(WRITE, args)
@@ -517,7 +484,7 @@ def test_a_tag_is_resolved_and_must_still_name_the_checksum(
     assert state.slots["B"].bootable
     assert state.grub.env["kubeos_B_image"] == published.docker_digest.removeprefix("sha256:")
     assert disk.slot_hash("A") == a_before
-    assert disk.listing("B") == _tree_listing(published.trees.expected)
+    assert disk.listing("B") == tree_listing(published.trees.expected)
 
 
 def test_wrong_digests_and_images_are_refused_before_anything_is_written(
