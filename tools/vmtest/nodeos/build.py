@@ -36,8 +36,6 @@ the Debian mirror and PyPI (only while building), and the repository's .venv (pi
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -49,9 +47,15 @@ import sys
 import tempfile
 import time
 import tomllib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+try:
+    from vmtest.buildcache import load_manifest, locked
+except ImportError:  # run as a script (scripts/build-*.sh): tools/ is not on sys.path then
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from vmtest.buildcache import load_manifest, locked
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
@@ -261,31 +265,6 @@ def in_chroot(
         left = _mounts_under(tree)
         if left:  # pragma: no cover - the namespace makes this impossible
             raise BuildError(f"mounts left under {tree}: {left}")
-
-
-@contextlib.contextmanager
-def locked(cache: Path) -> Iterator[None]:
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def load_manifest(directory: Path, want_stamp: str) -> dict[str, Any] | None:
-    try:
-        manifest: dict[str, Any] = json.loads((directory / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if manifest.get("stamp") != want_stamp:
-        return None
-    for entry in manifest.get("files", {}).values():
-        path = directory / entry["name"]
-        if not path.is_file() or path.stat().st_size != entry["size"]:
-            return None
-    return manifest
 
 
 def _swap_in(stage: Path, final: Path) -> None:

@@ -22,8 +22,6 @@ Run it as root (it writes the cache and runs mkfs): ``python3 tools/vmtest/testo
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import fnmatch
 import gzip
 import hashlib
@@ -39,9 +37,15 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+try:
+    from vmtest.buildcache import load_manifest, locked
+except ImportError:  # run as a script (scripts/build-*.sh): tools/ is not on sys.path then
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from vmtest.buildcache import load_manifest, locked
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CACHE = "/var/cache/kubeos/testos"
@@ -412,30 +416,6 @@ def make_ext4(tree: Path, out: Path, version: str, seed: str) -> None:
 
 
 # --- the whole build -----------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def locked(cache: Path) -> Iterator[None]:
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def load_manifest(out: Path, want_stamp: str) -> dict[str, Any] | None:
-    try:
-        manifest: dict[str, Any] = json.loads((out / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if manifest.get("stamp") != want_stamp:
-        return None
-    for entry in manifest.get("files", {}).values():
-        if not (out / entry["name"]).is_file():
-            return None
-    return manifest
 
 
 def _build(cache: Path, out: Path, work: Path, the_stamp: str, log: Log) -> dict[str, Any]:
