@@ -82,7 +82,9 @@ def test_a_bad_config_fails_on_its_node_does_not_spread_and_counts_against_the_b
     assert (tree(sim, bad) / "etc/sysctl.conf").read_text() == NODE_FILES["etc/sysctl.conf"]
     assert "OperationFailed" in [e.reason for e in node_events(cluster, bad)]
     assert agent_kinds(sim, bad) == ["configure"]
-    assert names.LABEL_CONFIGURING not in (cluster.core.read_node(bad).metadata.labels or {})
+    wait_for(  # the node is handed back just after its status says failed
+        lambda: names.LABEL_CONFIGURING not in (cluster.core.read_node(bad).metadata.labels or {}), 30, "release", sim
+    )
     assert not cluster.core.read_node(bad).spec.unschedulable
 
     status = wait_for(lambda: (st := os_status(cluster, ns, "net")).get("failed") == 1 and st, 30, "the count", sim)
