@@ -252,7 +252,7 @@ def read_table(disk: str) -> PartitionTable:
     """Read the partition table of ``disk`` (a block device) and probe each partition."""
     size = device_size(disk)
     res = run(["sfdisk", "--json", disk], check=False)
-    for _ in range(20):
+    for _attempt in range(20):
         # A disk without a table says so; any other failure (a loop device still settling after an attach or
         # a detach nearby) is asked again for up to 2 s before the disk counts as holding no table.
         if res.rc == 0 or NO_TABLE in res.err:
