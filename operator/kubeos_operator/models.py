@@ -18,16 +18,6 @@ from . import names
 OPSTYPES = ("upgrade", "config", "rollback")
 IMAGETYPES = ("docker", "disk", "containerd")
 EXECUTION_MODES = ("serial", "parallel")
-NODESTATUSES = ("idle", "upgrade", "config")
-CONFIG_MODELS = (
-    "kernel.sysctl",
-    "kernel.sysctl.persist",
-    "grub.cmdline.current",
-    "grub.cmdline.next",
-    "kubernetes.kubelet",
-    "container.containerd",
-    "pam.limits",
-)
 
 DEFAULT_TIMEINTERVAL = 15
 DEFAULT_MAXRETRIES = 3
